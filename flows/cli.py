@@ -1,0 +1,285 @@
+"""The `physflow` command: parses, prints, maps errors to exit codes. No science here.
+
+Exit codes: 0 success, 1 a failure while doing the work, 2 a user mistake (bad spec,
+missing data set, bad URL), always with one line saying what and where.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.errors import PhysflowError
+
+app = typer.Typer(
+    name="physflow",
+    help="Scientific-ML workflows: PDE data sets, hard-constrained experts, PBT and NAS.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+datasets_app = typer.Typer(help="Published data sets.", no_args_is_help=False)
+app.add_typer(datasets_app, name="datasets")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+SpecPath = Annotated[Path, typer.Argument(help="job spec (YAML)", show_default=False)]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override a spec key: key.path=value (repeatable)"),
+]
+StorageOption = Annotated[
+    str | None,
+    typer.Option("--storage", help="storage root URL [env: PHYSFLOW_STORAGE; default .physflow]"),
+]
+
+
+def reports_errors(command):
+    """Print a PhysflowError as one line and exit with its code; no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except PhysflowError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"physflow {version('physflow')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="show version")
+    ] = False,
+) -> None:
+    pass
+
+
+@app.command()
+@reports_errors
+def preprocess(
+    spec: SpecPath,
+    set_: SetOption = None,
+    storage: StorageOption = None,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(help="Dask scheduler [env: PHYSFLOW_DASK_ADDRESS; default: local cluster]"),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, max=256, help="local Dask workers [default: cores]")
+    ] = None,
+) -> None:
+    """Simulate or ingest PDE trajectories into a published data set (Parquet + manifest)."""
+    from flows.preprocess import PreprocessSpec
+    from flows.preprocess import preprocess as run_job
+    from flows.spec import load_spec
+    from flows.storage import Storage
+
+    job = load_spec(PreprocessSpec, spec, set_ or [])
+    root = Storage.from_env(storage)
+    with _progress(f"{job.name} {job.version}", "shards") as update:
+        result, run_id = run_job(job, root, dask_address, workers, update)
+    m = result.manifest
+    if result.already_published:
+        out.print(f"{m.name} {m.version} is already published at {result.folder} (unchanged)")
+    else:
+        rate = result.samples / max(result.seconds, 1e-9)
+        resumed = f", {result.shards_resumed} resumed" if result.shards_resumed else ""
+        out.print(
+            f"published {m.name} {m.version}: {result.samples} samples "
+            f"({', '.join(f'{k} {v.rows}' for k, v in m.splits.items())}), "
+            f"{_bytes(result.bytes)} in {result.seconds:.1f} s ({rate:.2f} samples/s"
+            f"{resumed})"
+        )
+        out.print(f"  at   {result.folder}")
+    if m.skipped:
+        out.print(f"  skipped {len(m.skipped)} bad samples (see the manifest's 'skipped')")
+    out.print(f"  run  {run_id} (experiment preprocess)")
+
+
+@datasets_app.callback(invoke_without_command=True)
+@reports_errors
+def datasets_list(ctx: typer.Context, storage: StorageOption = None) -> None:
+    """List published data sets: name, version, PDE, samples, size, created."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = storage
+        return
+    from flows.datasets import list_datasets
+    from flows.storage import Storage
+
+    root = Storage.from_env(storage)
+    manifests = list_datasets(root)
+    if not manifests:
+        out.print(f"no data sets published in {root.url}")
+        return
+    table = Table("name", "version", "pde", "train", "test", "size", "created",
+                  title=f"data sets in {root.url}", title_justify="left")
+    for m in manifests:
+        table.add_row(m.name, m.version, m.pde["name"], str(_rows(m, "train")),
+                      str(_rows(m, "test")), _bytes(m.bytes), m.created)
+    out.print(table)
+
+
+@datasets_app.command("show")
+@reports_errors
+def datasets_show(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="data set name, or URL of a version folder")],
+    version: Annotated[str | None, typer.Option(help="version [default: latest]")] = None,
+    verify: Annotated[bool, typer.Option(help="check every shard's checksum")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the manifest as JSON")] = False,
+    storage: StorageOption = None,
+) -> None:
+    """Show one data set's manifest: grids, parameters, statistics, shards."""
+    from flows.datasets import open_dataset
+    from flows.storage import Storage
+
+    root = Storage.from_env(storage or ctx.obj)
+    dataset = open_dataset(name, version, root)
+    m = dataset.manifest
+    if verify:
+        n = dataset.verify()
+    if as_json:
+        out.print_json(json.dumps(m.to_json()))
+        return
+    out.print(f"[bold]{m.name}[/bold] {m.version}  ({dataset.folder.url})")
+    out.print(f"  created   {m.created}")
+    out.print(f"  pde       {m.pde['name']}  " + _params(m.pde.get("parameters", {})))
+    out.print(f"  source    {m.source.get('kind')}" +
+              (f"  {m.source['path']} ({m.source.get('layout')})" if "path" in m.source else ""))
+    for axis, grid in m.grids.items():
+        out.print(f"  grid {axis:<4} {len(grid)} points on [{grid[0]:.6g}, {grid[-1]:.6g}]")
+    for fname, f in m.fields.items():
+        out.print(f"  field     {fname} {tuple(f.shape)} ({', '.join(f.axes)}) {f.dtype}")
+    table = Table("split", "field", "rows", "shards", "size", "mean", "std", "min", "max")
+    for split, s in m.splits.items():
+        for fname, st in s.statistics.items():
+            table.add_row(split, fname, str(s.rows), str(len(s.shards)),
+                          _bytes(sum(sh.bytes for sh in s.shards)),
+                          *(f"{st[k]:.4g}" for k in ("mean", "std", "min", "max")))
+    out.print(table)
+    if m.skipped:
+        out.print(f"  skipped   {len(m.skipped)} bad samples, e.g. {m.skipped[0]['reason']}")
+    if verify:
+        out.print(f"  verified  {n} shards: every checksum matches")
+
+
+@app.command()
+@reports_errors
+def runs(
+    experiment: Annotated[str, typer.Option("--experiment", "-e", help="MLflow experiment")] = (
+        "preprocess"
+    ),
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="most recent runs to show")] = 20,
+) -> None:
+    """List an experiment's runs: name, status, start, duration, key metrics."""
+    from flows import tracking
+
+    rows = tracking.list_runs(experiment, limit)
+    if not rows:
+        out.print(f"no runs in experiment {experiment!r}")
+        return
+    keys = _metric_columns(rows)
+    table = Table("run", "name", "status", "start", "duration", *keys,
+                  title=f"{experiment} — {tracking.tracking_uri()}", title_justify="left")
+    for r in rows:
+        start = datetime.fromtimestamp(r.start).strftime("%Y-%m-%d %H:%M:%S") if r.start else "-"
+        table.add_row(
+            r.run_id[:8], r.name, r.status, start,
+            f"{r.duration_s:.1f} s" if r.duration_s is not None else "-",
+            *(f"{r.metrics[k]:.4g}" if k in r.metrics else "-" for k in keys),
+        )
+    out.print(table)
+
+
+def _metric_columns(rows, most: int = 5) -> list[str]:
+    """The metrics most runs have, in a stable order, at most `most`."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        for k in r.metrics:
+            counts[k] = counts.get(k, 0) + 1
+    return sorted(counts, key=lambda k: (-counts[k], k))[:most]
+
+
+class _progress:
+    """A progress bar on stderr (hidden when stderr is not a terminal), fed by (done, total)."""
+
+    def __init__(self, label: str, unit: str):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn(unit), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=err, transient=True, disable=not err.is_terminal,
+        )
+        self.label = label
+        self.task = None
+
+    def __enter__(self):
+        self.bar.start()
+
+        def update(done: int, total: int) -> None:
+            if self.task is None:
+                self.task = self.bar.add_task(self.label, total=total)
+            self.bar.update(self.task, completed=done, total=total)
+
+        return update
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+
+def _rows(m, split: str) -> int:
+    return m.splits[split].rows if split in m.splits else 0
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in params.items())
+
+
+def main() -> None:
+    try:
+        app(prog_name="physflow")
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

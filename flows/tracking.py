@@ -1,0 +1,205 @@
+"""MLflow, embedded or remote.
+
+Without `MLFLOW_TRACKING_URI` runs go to a SQLite database under `.physflow/` with
+artifacts beside it, so `make ui` can browse them; with it, to that MLflow server (whose
+artifacts may be proxied to S3). Jobs call `job_run`, log through the returned run, and
+`physflow runs` reads them back with `list_runs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flows.errors import UserError
+from flows.storage import physflow_home
+
+# MLflow's own limit on one param value.
+_MAX_PARAM_CHARS = 6000
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    home = physflow_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def _embedded_artifact_root(experiment: str) -> str | None:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None  # the server decides (proxied artifacts)
+    return (physflow_home() / "mlartifacts" / experiment).as_uri()
+
+
+def _client():
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.MlflowClient()
+
+
+def ensure_experiment(name: str) -> str:
+    """The id of experiment `name`, created (with embedded artifact root) if needed."""
+    client = _client()
+    try:
+        found = client.get_experiment_by_name(name)
+    except Exception as exc:  # noqa: BLE001 - any transport error means the same to a user
+        raise UserError(f"MLflow at {tracking_uri()}: cannot connect ({_brief(exc)})") from None
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    return client.create_experiment(name, artifact_location=_embedded_artifact_root(name))
+
+
+@dataclass
+class JobRun:
+    """An open MLflow run with the few logging calls jobs need."""
+
+    run_id: str
+    experiment: str
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        import mlflow
+
+        clean = {k: _param_text(v) for k, v in params.items()}
+        keys = sorted(clean)
+        for i in range(0, len(keys), 100):  # MLflow takes at most 100 params per batch
+            mlflow.log_params({k: clean[k] for k in keys[i : i + 100]})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        import mlflow
+
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_json(self, obj: Any, name: str) -> None:
+        import mlflow
+
+        mlflow.log_text(json.dumps(obj, indent=2), name)
+
+    def log_yaml(self, obj: Any, name: str) -> None:
+        import mlflow
+
+        mlflow.log_text(yaml.safe_dump(obj, sort_keys=False), name)
+
+    def log_figure(self, figure, name: str) -> None:
+        import mlflow
+
+        mlflow.log_figure(figure, name)
+
+    def log_file(self, path: str | Path, folder: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path), artifact_path=folder)
+
+
+@contextlib.contextmanager
+def job_run(experiment: str, run_name: str, spec: Mapping[str, Any]) -> Iterator[JobRun]:
+    """Open a run in `experiment`, log the resolved spec (params + spec.yaml), close it.
+
+    The run ends FAILED if the job raises, KILLED on Ctrl-C, FINISHED otherwise.
+    """
+    import mlflow
+
+    experiment_id = ensure_experiment(experiment)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as active:
+        run = JobRun(run_id=active.info.run_id, experiment=experiment)
+        run.set_tags({"physflow.job": experiment})
+        run.log_params(flatten(spec))
+        run.log_yaml(dict(spec), "spec.yaml")
+        try:
+            yield run
+        except KeyboardInterrupt:
+            mlflow.end_run(status="KILLED")
+            raise
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+@dataclass(frozen=True)
+class RunRow:
+    run_id: str
+    name: str
+    status: str
+    start: float | None  # seconds since the epoch
+    duration_s: float | None
+    metrics: dict[str, float]
+
+
+def list_runs(experiment: str, max_results: int = 20) -> list[RunRow]:
+    """The latest runs of `experiment`, newest first."""
+    client = _client()
+    try:
+        found = client.get_experiment_by_name(experiment)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"MLflow at {tracking_uri()}: cannot connect ({_brief(exc)})") from None
+    if found is None:
+        known = sorted(e.name for e in client.search_experiments())
+        raise UserError(
+            f"experiment {experiment!r} not found in {tracking_uri()} "
+            f"(known: {', '.join(known) or 'none'})"
+        )
+    runs = client.search_runs(
+        [found.experiment_id], order_by=["attributes.start_time DESC"], max_results=max_results
+    )
+    rows = []
+    now_ms = time.time() * 1000
+    for r in runs:
+        start, end = r.info.start_time, r.info.end_time
+        duration = ((end or now_ms) - start) / 1000 if start else None
+        rows.append(
+            RunRow(
+                run_id=r.info.run_id,
+                name=r.info.run_name or r.info.run_id[:8],
+                status=r.info.status,
+                start=start / 1000 if start else None,
+                duration_s=duration,
+                metrics=dict(r.data.metrics),
+            )
+        )
+    return rows
+
+
+def download_artifact(run_id: str, path: str) -> Path:
+    import mlflow
+
+    _client()
+    out = tempfile.mkdtemp(prefix="physflow-")
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=out)
+    return Path(local)
+
+
+def _param_text(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+    return text if len(text) <= _MAX_PARAM_CHARS else text[: _MAX_PARAM_CHARS - 3] + "..."
+
+
+def _brief(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__

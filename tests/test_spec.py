@@ -1,0 +1,99 @@
+"""Job specs: overrides, and one-line errors that name the key path."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows.errors import UserError
+from flows.preprocess import PreprocessSpec
+from flows.spec import apply_overrides, load_spec, parse_override
+
+DS = """
+name: ds
+samples: 16
+simulation:
+  pde: diffusion-sorption
+  nx: 64
+  nt: 11
+"""
+
+
+def write(tmp_path, text, name="spec.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_override_parses_yaml_scalars_and_creates_nested_keys():
+    assert parse_override("samples=64") == (["samples"], 64)
+    assert parse_override("a.b=0.5") == (["a", "b"], 0.5)
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    assert parse_override("name=ns") == (["name"], "ns")
+    data = apply_overrides({"a": {"b": 1}}, ["a.c=2", "d.e=x"])
+    assert data == {"a": {"b": 1, "c": 2}, "d": {"e": "x"}}
+
+
+def test_overrides_reach_the_validated_spec(tmp_path):
+    spec = load_spec(PreprocessSpec, write(tmp_path, DS), ["samples=64", "simulation.nx=128"])
+    assert spec.samples == 64 and spec.simulation.nx == 128
+    assert spec.simulation.t_end == 500.0  # default filled in
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["samples=-3"], "samples: Input should be greater than or equal to 2 (got -3)"),
+        (["samples=many"], "samples: Input should be a valid integer"),
+        (["simulation.nxx=5"], "simulation.nxx: unknown key"),
+        (["colour=red"], "colour: unknown key"),
+        (["simulation.pde=heat"], "simulation: Input tag 'heat' found using 'pde' does not match"),
+        (["simulation.initial_high=0"], "simulation.initial_high: Input should be greater than 0"),
+        (["test_fraction=1.0"], "test_fraction: Input should be less than 1"),
+        (["name=Bad Name"], "name: String should match pattern"),
+    ],
+)
+def test_bad_values_name_the_key_path(tmp_path, overrides, message):
+    with pytest.raises(UserError) as err:
+        load_spec(PreprocessSpec, write(tmp_path, DS), overrides)
+    text = str(err.value)
+    assert text.startswith(str(tmp_path / "spec.yaml") + ": ")
+    assert message in text
+    assert "\n" not in text
+
+
+def test_cross_field_rules(tmp_path):
+    with pytest.raises(UserError, match="exactly one of 'simulation' or 'ingest'"):
+        load_spec(PreprocessSpec, write(tmp_path, "name: x\nsamples: 4\n"))
+    with pytest.raises(UserError, match="'samples' is required"):
+        load_spec(PreprocessSpec, write(tmp_path, DS), ["samples=null"])
+    ns = "name: ns\nsamples: 4\nsimulation: {pde: navier-stokes, resolution: 64}\n"
+    with pytest.raises(UserError, match=r"sim_resolution \(96\) must be a multiple"):
+        load_spec(PreprocessSpec, write(tmp_path, ns), ["simulation.sim_resolution=96"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: [unclosed", "not valid YAML"),
+        ("- a\n- b\n", "a spec is a YAML mapping, got list"),
+    ],
+)
+def test_unreadable_files(tmp_path, text, message):
+    with pytest.raises(UserError, match=message):
+        load_spec(PreprocessSpec, write(tmp_path, text))
+    with pytest.raises(UserError, match="spec file not found"):
+        load_spec(PreprocessSpec, tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("bad", ["samples", "=3", "a..b=1"])
+def test_malformed_overrides(bad):
+    with pytest.raises(UserError, match="--set"):
+        parse_override(bad)
+
+
+def test_digest_follows_content():
+    a = PreprocessSpec.model_validate({"name": "a", "samples": 4,
+                                       "simulation": {"pde": "diffusion-sorption"}})
+    b = a.model_copy(update={"samples": 5})
+    assert a.digest() == a.model_copy().digest()
+    assert a.digest() != b.digest()
