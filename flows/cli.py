@@ -30,8 +30,19 @@ app = typer.Typer(
 datasets_app = typer.Typer(help="Published data sets.", no_args_is_help=False)
 app.add_typer(datasets_app, name="datasets")
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+def _console(stderr: bool = False) -> Console:
+    console = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not console.is_terminal:
+        console.width = 200  # pipes and logs: do not squeeze tables into 80 columns
+    return console
+
+
+out = _console()
+err = _console(stderr=True)
+
+# The metrics `physflow runs` shows first for an experiment; others fill up to five.
+KEY_METRICS = {"preprocess": ["samples", "samples_per_s", "bytes", "shards_resumed"]}
 
 SpecPath = Annotated[Path, typer.Argument(help="job spec (YAML)", show_default=False)]
 SetOption = Annotated[
@@ -72,7 +83,11 @@ def _main(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="show version")
     ] = False,
 ) -> None:
-    pass
+    import logging
+
+    # Library chatter (database migrations, connection retries) is not for the terminal.
+    for name in ("mlflow", "alembic", "botocore", "s3fs", "distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @app.command()
@@ -96,7 +111,7 @@ def preprocess(
     from flows.storage import Storage
 
     job = load_spec(PreprocessSpec, spec, set_ or [])
-    root = Storage.from_env(storage)
+    root = Storage.from_env(storage).check()
     with _progress(f"{job.name} {job.version}", "shards") as update:
         result, run_id = run_job(job, root, dask_address, workers, update)
     m = result.manifest
@@ -127,16 +142,32 @@ def datasets_list(ctx: typer.Context, storage: StorageOption = None) -> None:
     from flows.datasets import list_datasets
     from flows.storage import Storage
 
-    root = Storage.from_env(storage)
+    root = Storage.from_env(storage).check()
     manifests = list_datasets(root)
     if not manifests:
         out.print(f"no data sets published in {root.url}")
         return
-    table = Table("name", "version", "pde", "train", "test", "size", "created",
-                  title=f"data sets in {root.url}", title_justify="left")
+    table = Table(
+        "name",
+        "version",
+        "pde",
+        "train",
+        "test",
+        "size",
+        "created",
+        title=f"data sets in {root.url}",
+        title_justify="left",
+    )
     for m in manifests:
-        table.add_row(m.name, m.version, m.pde["name"], str(_rows(m, "train")),
-                      str(_rows(m, "test")), _bytes(m.bytes), m.created)
+        table.add_row(
+            m.name,
+            m.version,
+            m.pde["name"],
+            str(_rows(m, "train")),
+            str(_rows(m, "test")),
+            _bytes(m.bytes),
+            m.created,
+        )
     out.print(table)
 
 
@@ -154,7 +185,7 @@ def datasets_show(
     from flows.datasets import open_dataset
     from flows.storage import Storage
 
-    root = Storage.from_env(storage or ctx.obj)
+    root = Storage.from_env(storage or ctx.obj).check()
     dataset = open_dataset(name, version, root)
     m = dataset.manifest
     if verify:
@@ -165,8 +196,10 @@ def datasets_show(
     out.print(f"[bold]{m.name}[/bold] {m.version}  ({dataset.folder.url})")
     out.print(f"  created   {m.created}")
     out.print(f"  pde       {m.pde['name']}  " + _params(m.pde.get("parameters", {})))
-    out.print(f"  source    {m.source.get('kind')}" +
-              (f"  {m.source['path']} ({m.source.get('layout')})" if "path" in m.source else ""))
+    out.print(
+        f"  source    {m.source.get('kind')}"
+        + (f"  {m.source['path']} ({m.source.get('layout')})" if "path" in m.source else "")
+    )
     for axis, grid in m.grids.items():
         out.print(f"  grid {axis:<4} {len(grid)} points on [{grid[0]:.6g}, {grid[-1]:.6g}]")
     for fname, f in m.fields.items():
@@ -174,9 +207,14 @@ def datasets_show(
     table = Table("split", "field", "rows", "shards", "size", "mean", "std", "min", "max")
     for split, s in m.splits.items():
         for fname, st in s.statistics.items():
-            table.add_row(split, fname, str(s.rows), str(len(s.shards)),
-                          _bytes(sum(sh.bytes for sh in s.shards)),
-                          *(f"{st[k]:.4g}" for k in ("mean", "std", "min", "max")))
+            table.add_row(
+                split,
+                fname,
+                str(s.rows),
+                str(len(s.shards)),
+                _bytes(sum(sh.bytes for sh in s.shards)),
+                *(f"{st[k]:.4g}" for k in ("mean", "std", "min", "max")),
+            )
     out.print(table)
     if m.skipped:
         out.print(f"  skipped   {len(m.skipped)} bad samples, e.g. {m.skipped[0]['reason']}")
@@ -199,26 +237,39 @@ def runs(
     if not rows:
         out.print(f"no runs in experiment {experiment!r}")
         return
-    keys = _metric_columns(rows)
-    table = Table("run", "name", "status", "start", "duration", *keys,
-                  title=f"{experiment} — {tracking.tracking_uri()}", title_justify="left")
+    keys = _metric_columns(rows, KEY_METRICS.get(experiment, []))
+    table = Table(
+        "run",
+        "name",
+        "status",
+        "start",
+        "duration",
+        *keys,
+        title=f"{experiment} — {tracking.tracking_uri()}",
+        title_justify="left",
+    )
     for r in rows:
         start = datetime.fromtimestamp(r.start).strftime("%Y-%m-%d %H:%M:%S") if r.start else "-"
         table.add_row(
-            r.run_id[:8], r.name, r.status, start,
+            r.run_id[:8],
+            r.name,
+            r.status,
+            start,
             f"{r.duration_s:.1f} s" if r.duration_s is not None else "-",
             *(f"{r.metrics[k]:.4g}" if k in r.metrics else "-" for k in keys),
         )
     out.print(table)
 
 
-def _metric_columns(rows, most: int = 5) -> list[str]:
-    """The metrics most runs have, in a stable order, at most `most`."""
+def _metric_columns(rows, first: list[str], most: int = 5) -> list[str]:
+    """The experiment's key metrics that runs have, then those most runs have."""
     counts: dict[str, int] = {}
     for r in rows:
         for k in r.metrics:
             counts[k] = counts.get(k, 0) + 1
-    return sorted(counts, key=lambda k: (-counts[k], k))[:most]
+    keys = [k for k in first if k in counts]
+    keys += sorted((k for k in counts if k not in keys), key=lambda k: (-counts[k], k))
+    return keys[:most]
 
 
 class _progress:
@@ -235,9 +286,15 @@ class _progress:
         )
 
         self.bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn(unit), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=err, transient=True, disable=not err.is_terminal,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(unit),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+            disable=not err.is_terminal,
         )
         self.label = label
         self.task = None
@@ -269,8 +326,9 @@ def _bytes(n: int) -> str:
 
 
 def _params(params: dict) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in params.items())
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
 
 
 def main() -> None:

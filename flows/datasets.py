@@ -121,9 +121,7 @@ def _version_key(version: str) -> tuple:
 def list_versions(storage: Storage, name: str) -> list[str]:
     """Published versions of `name` (those with a manifest), oldest first."""
     root = storage.child("datasets", name)
-    versions = [
-        v for v in storage.list_dirs(root.url) if storage.exists(root.join(v, MANIFEST))
-    ]
+    versions = [v for v in storage.list_dirs(root.url) if storage.exists(root.join(v, MANIFEST))]
     return sorted(versions, key=_version_key)
 
 
@@ -265,8 +263,7 @@ def resolve(ref: str, version: str | None = None, storage: Storage | None = None
     if not versions:
         known = sorted({m.name for m in list_datasets(storage)})
         raise UserError(
-            f"data set {ref!r} not found in {storage.url} "
-            f"(published: {', '.join(known) or 'none'})"
+            f"data set {ref!r} not found in {storage.url} (published: {', '.join(known) or 'none'})"
         )
     if version is None:
         return version_folder(storage, ref, versions[-1])

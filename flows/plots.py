@@ -36,18 +36,30 @@ def trajectories(folder: Storage, manifest: DatasetManifest, count: int = 4):
         x = np.asarray(manifest.grids["x"])
         fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.0), squeeze=False, sharey=True)
         for k, ax in enumerate(axes[0]):
-            image = ax.imshow(values[k], origin="lower", aspect="auto", vmin=vmin, vmax=vmax,
-                              extent=(x[0], x[-1], t[0], t[-1]), cmap="viridis")
+            image = ax.imshow(
+                values[k],
+                origin="lower",
+                aspect="auto",
+                vmin=vmin,
+                vmax=vmax,
+                extent=(x[0], x[-1], t[0], t[-1]),
+                cmap="viridis",
+            )
             ax.set_title(f"sample {ids[k]}")
             ax.set_xlabel("x")
         axes[0][0].set_ylabel("t")
     else:
         frames = np.linspace(0, values.shape[1] - 1, min(count, values.shape[1])).astype(int)
-        fig, axes = plt.subplots(1, len(frames), figsize=(3.2 * len(frames), 3.0),
-                                 squeeze=False)
+        fig, axes = plt.subplots(1, len(frames), figsize=(3.2 * len(frames), 3.0), squeeze=False)
         for ax, f in zip(axes[0], frames, strict=True):
-            image = ax.imshow(values[0, f].T, origin="lower", vmin=vmin, vmax=vmax,
-                              extent=(0, 1, 0, 1), cmap="RdBu_r")
+            image = ax.imshow(
+                values[0, f].T,
+                origin="lower",
+                vmin=vmin,
+                vmax=vmax,
+                extent=(0, 1, 0, 1),
+                cmap="RdBu_r",
+            )
             ax.set_title(f"sample {ids[0]}, t = {t[f]:.3g}")
             ax.set_xlabel("x")
         axes[0][0].set_ylabel("y")

@@ -159,8 +159,9 @@ def build_shard(task: ShardTask, spec_data: dict, folder: Storage, digest: str) 
         except BadSample as exc:
             if spec.on_bad_sample == "fail":
                 raise
-            skipped.append({"sample_id": sample.sample_id, "source_key": sample.source_key,
-                            "reason": str(exc)})
+            skipped.append(
+                {"sample_id": sample.sample_id, "source_key": sample.source_key, "reason": str(exc)}
+            )
             continue
         ids.append(sample.sample_id)
         keys.append(sample.source_key)
@@ -300,8 +301,9 @@ def _manifest(
             stats[name] = total.summary()
         splits[split] = {
             "rows": sum(r.rows for r in mine),
-            "shards": [{"path": r.path, "rows": r.rows, "bytes": r.bytes, "sha256": r.sha256}
-                       for r in mine],
+            "shards": [
+                {"path": r.path, "rows": r.rows, "bytes": r.bytes, "sha256": r.sha256} for r in mine
+            ],
             "statistics": stats,
         }
     if splits.get("train", {}).get("rows", 0) == 0:
@@ -344,21 +346,29 @@ def preprocess(
     storage = storage or Storage.from_env()
     run_name = f"{spec.name}-{spec.version}"
     with tracking.job_run(EXPERIMENT, run_name, spec.resolved()) as run:
-        run.set_tags({"dataset.name": spec.name, "dataset.version": spec.version,
-                      "dataset.storage": storage.url})
+        run.set_tags(
+            {
+                "dataset.name": spec.name,
+                "dataset.version": spec.version,
+                "dataset.storage": storage.url,
+            }
+        )
         result = run_preprocess(spec, storage, dask_address, workers, progress)
         seconds = max(result.seconds, 1e-9)
-        run.log_metrics({
-            "samples": result.samples,
-            "bytes": result.bytes,
-            "seconds": result.seconds,
-            "samples_per_s": result.samples / seconds if not result.already_published else 0.0,
-            "shards_written": result.shards_written,
-            "shards_resumed": result.shards_resumed,
-            "samples_skipped": len(result.manifest.skipped),
-        })
-        run.set_tags({"dataset.url": result.folder,
-                      "dataset.already_published": result.already_published})
+        run.log_metrics(
+            {
+                "samples": result.samples,
+                "bytes": result.bytes,
+                "seconds": result.seconds,
+                "samples_per_s": result.samples / seconds if not result.already_published else 0.0,
+                "shards_written": result.shards_written,
+                "shards_resumed": result.shards_resumed,
+                "samples_skipped": len(result.manifest.skipped),
+            }
+        )
+        run.set_tags(
+            {"dataset.url": result.folder, "dataset.already_published": result.already_published}
+        )
         run.log_json(result.manifest.to_json(), "manifest.json")
         figure = plots.trajectories(Storage.at(result.folder), result.manifest)
         if figure is not None:

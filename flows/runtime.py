@@ -61,6 +61,8 @@ def dask_client(address: str | None = None, workers: int | None = None) -> Itera
         processes=True,
         host="127.0.0.1",
         dashboard_address=None,
+        # The scheduler still serves health/metrics over HTTP: loopback, any free port.
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
         silence_logs=logging.ERROR,
         env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
     )

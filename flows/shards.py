@@ -53,8 +53,10 @@ def tensor_array(values: np.ndarray) -> pa.ExtensionArray:
     rows, shape = values.shape[0], values.shape[1:]
     flat = pa.array(np.ascontiguousarray(values).reshape(-1))
     size = int(np.prod(shape))
-    storage = pa.FixedSizeListArray.from_arrays(flat, size) if rows else pa.array(
-        [], type=pa.list_(flat.type, size)
+    storage = (
+        pa.FixedSizeListArray.from_arrays(flat, size)
+        if rows
+        else pa.array([], type=pa.list_(flat.type, size))
     )
     return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(flat.type, list(shape)), storage)
 
@@ -125,8 +127,13 @@ class FieldStats:
 
     def summary(self) -> dict[str, Any]:
         """What the manifest records (population std)."""
-        return {"count": self.count, "mean": self.mean, "std": self.std,
-                "min": self.min, "max": self.max}
+        return {
+            "count": self.count,
+            "mean": self.mean,
+            "std": self.std,
+            "min": self.min,
+            "max": self.max,
+        }
 
     def state(self) -> dict[str, Any]:
         """Everything needed to resume the reduction."""

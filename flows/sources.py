@@ -40,8 +40,9 @@ class SourceInfo:
     def to_json(self) -> dict[str, Any]:
         return {
             "pde": {"name": self.pde, "parameters": self.parameters},
-            "fields": {k: {"shape": list(v.shape), "axes": list(v.axes)}
-                       for k, v in self.fields.items()},
+            "fields": {
+                k: {"shape": list(v.shape), "axes": list(v.axes)} for k, v in self.fields.items()
+            },
             "grids": self.grids,
         }
 
@@ -163,8 +164,7 @@ class DiffusionSorptionSimulation(Spec):
                 u = model.simulate(u0, times, rtol=self.rtol)  # (nt, nx)
             except (RuntimeError, FloatingPointError) as exc:
                 raise SimulationFailed(f"sample {i} (seed {seed}): {exc}") from None
-            yield Sample(i, f"seed={seed}/sample={i}", {"diffusivity": self.diffusivity},
-                         {"u": u})
+            yield Sample(i, f"seed={seed}/sample={i}", {"diffusivity": self.diffusivity}, {"u": u})
 
 
 # Simulated Navier–Stokes --------------------------------------------------------------
@@ -200,8 +200,12 @@ class NavierStokesSimulation(Spec):
     def describe(self) -> SourceInfo:
         n = self.resolution
         grid = (np.arange(n) / n).tolist()
-        params = {"viscosity": self.viscosity, "t_end": self.t_end,
-                  "grf_alpha": self.grf_alpha, "grf_tau": self.grf_tau}
+        params = {
+            "viscosity": self.viscosity,
+            "t_end": self.t_end,
+            "grf_alpha": self.grf_alpha,
+            "grf_tau": self.grf_tau,
+        }
         return SourceInfo(
             pde=self.pde,
             parameters=params,
@@ -222,8 +226,12 @@ class NavierStokesSimulation(Spec):
                 w = navier_stokes.simulate(w0, times, viscosity=self.viscosity, cfl=self.cfl)
             except (RuntimeError, FloatingPointError) as exc:
                 raise SimulationFailed(f"sample {i} (seed {seed}): {exc}") from None
-            yield Sample(i, f"seed={seed}/sample={i}", {"viscosity": self.viscosity},
-                         {"vorticity": w[:, ::stride, ::stride]})  # (nt, n, n)
+            yield Sample(
+                i,
+                f"seed={seed}/sample={i}",
+                {"viscosity": self.viscosity},
+                {"vorticity": w[:, ::stride, ::stride]},
+            )  # (nt, n, n)
 
 
 register_tags("diffusion-sorption", "navier-stokes")
@@ -297,8 +305,12 @@ class PDEBenchIngest(Spec):
             if _layout(f, self.path) == "tensor":
                 tensor = f["tensor"]
                 for i in ids:
-                    yield Sample(i, f"{name}#tensor[{i}]", dict(self.parameters),
-                                 {self.field_name: np.asarray(tensor[i], dtype=np.float64)})
+                    yield Sample(
+                        i,
+                        f"{name}#tensor[{i}]",
+                        dict(self.parameters),
+                        {self.field_name: np.asarray(tensor[i], dtype=np.float64)},
+                    )
                 return
             keys = _sample_keys(f)
             reference = {axis: np.asarray(f[keys[0]][f"grid/{axis}"]) for axis in ("t", "x")}
@@ -313,8 +325,7 @@ class PDEBenchIngest(Spec):
                 data = np.asarray(group["data"], dtype=np.float64)  # (nt, nx, 1)
                 if data.ndim >= 1 and data.shape[-1] == 1:
                     data = data[..., 0]
-                yield Sample(i, f"{name}#{keys[i]}", dict(self.parameters),
-                             {self.field_name: data})
+                yield Sample(i, f"{name}#{keys[i]}", dict(self.parameters), {self.field_name: data})
 
 
 def _layout(f, path: str) -> str:

@@ -92,6 +92,16 @@ class Storage:
     def child(self, *parts: str) -> Storage:
         return Storage(url=self.join(*parts), options=self.options)
 
+    def check(self) -> Storage:
+        """Fail early, naming the bucket, if an S3 root's bucket does not exist."""
+        if not self.is_local:
+            bucket = self.url[5:].split("/", 1)[0]
+            try:
+                self._guard(self.url, lambda: self.fs.call_s3("head_bucket", Bucket=bucket))
+            except FileNotFoundError:
+                raise UserError(f"storage {self.url}: bucket {bucket!r} does not exist") from None
+        return self
+
     # Reads ---------------------------------------------------------------------------
 
     def exists(self, path: str) -> bool:

@@ -68,8 +68,12 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subp
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         return subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, start_new_session=True,
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
         )
 
 
@@ -88,20 +92,41 @@ def start_seaweedfs(
     data_dir.mkdir(parents=True, exist_ok=True)
     s3_port = free_port()
     ports = {
-        "master.port": free_port(), "volume.port": free_port(), "filer.port": free_port(),
-        "s3.port": s3_port, "admin.port": free_port(), "webdav.port": free_port(),
+        "master.port": free_port(),
+        "volume.port": free_port(),
+        "filer.port": free_port(),
+        "s3.port": s3_port,
+        "admin.port": free_port(),
+        "webdav.port": free_port(),
     }
-    cmd = [weed_binary(), "mini", f"-dir={data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
-           "-s3.port.iceberg=0", "-s3.port.lance=0", "-admin.ui=false"]
+    cmd = [
+        weed_binary(),
+        "mini",
+        f"-dir={data_dir}",
+        f"-ip={HOST}",
+        f"-ip.bind={HOST}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-admin.ui=false",
+    ]
     cmd += [f"-{k}={v}" for k, v in ports.items()]
     if buckets:
         cmd.append(f"-bucket={','.join(buckets)}")
     creds = {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
     process = _spawn(cmd, data_dir / "weed.log", creds)
     url = f"http://{HOST}:{s3_port}"
-    service = Service("seaweedfs", url, process, data_dir / "weed.log",
-                      env={**creds, "PHYSFLOW_S3_ENDPOINT_URL": url,
-                           "MLFLOW_S3_ENDPOINT_URL": url, "AWS_DEFAULT_REGION": "us-east-1"})
+    service = Service(
+        "seaweedfs",
+        url,
+        process,
+        data_dir / "weed.log",
+        env={
+            **creds,
+            "PHYSFLOW_S3_ENDPOINT_URL": url,
+            "MLFLOW_S3_ENDPOINT_URL": url,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        },
+    )
     try:
         wait_http(url, timeout_s, process)
         _wait_buckets(service, buckets, timeout_s)
@@ -116,8 +141,10 @@ def _wait_buckets(service: Service, buckets: list[str], timeout_s: float) -> Non
     import s3fs
 
     fs = s3fs.S3FileSystem(
-        endpoint_url=service.url, key=service.env["AWS_ACCESS_KEY_ID"],
-        secret=service.env["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True,
+        endpoint_url=service.url,
+        key=service.env["AWS_ACCESS_KEY_ID"],
+        secret=service.env["AWS_SECRET_ACCESS_KEY"],
+        skip_instance_cache=True,
     )
     deadline = time.monotonic() + timeout_s
     for bucket in buckets:
@@ -132,7 +159,9 @@ def _wait_buckets(service: Service, buckets: list[str], timeout_s: float) -> Non
 
 
 def start_mlflow(
-    data_dir: Path, artifacts_destination: str, env: dict[str, str] | None = None,
+    data_dir: Path,
+    artifacts_destination: str,
+    env: dict[str, str] | None = None,
     timeout_s: float = 120,
 ) -> Service:
     """`mlflow server` with a SQLite backend in `data_dir`, artifacts proxied to
@@ -140,15 +169,26 @@ def start_mlflow(
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{data_dir / 'mlflow.db'}",
-        "--artifacts-destination", artifacts_destination,
-        "--host", HOST, "--port", str(port), "--workers", "1",
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{data_dir / 'mlflow.db'}",
+        "--artifacts-destination",
+        artifacts_destination,
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
     ]
     process = _spawn(cmd, data_dir / "mlflow.log", env)
     url = f"http://{HOST}:{port}"
-    service = Service("mlflow", url, process, data_dir / "mlflow.log",
-                      env={"MLFLOW_TRACKING_URI": url})
+    service = Service(
+        "mlflow", url, process, data_dir / "mlflow.log", env={"MLFLOW_TRACKING_URI": url}
+    )
     try:
         wait_http(f"{url}/health", timeout_s, process)
     except BaseException:

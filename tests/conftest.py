@@ -15,8 +15,13 @@ import pytest
 from infra.services import start_mlflow, start_seaweedfs
 
 S3_BUCKET = "physflow-test"
-_CLEARED = ("PHYSFLOW_STORAGE", "MLFLOW_TRACKING_URI", "PHYSFLOW_DASK_ADDRESS",
-            "DASK_SCHEDULER_ADDRESS", "PHYSFLOW_S3_ENDPOINT_URL")
+_CLEARED = (
+    "PHYSFLOW_STORAGE",
+    "MLFLOW_TRACKING_URI",
+    "PHYSFLOW_DASK_ADDRESS",
+    "DASK_SCHEDULER_ADDRESS",
+    "PHYSFLOW_S3_ENDPOINT_URL",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -77,8 +82,13 @@ def dask_address(s3):
     from distributed import LocalCluster
 
     cluster = LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
         dashboard_address=None,
+        # The scheduler still serves health/metrics over HTTP: loopback, any free port.
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
     )
     yield cluster.scheduler_address
     cluster.close()

@@ -15,8 +15,13 @@ from tests.pdebench_files import per_sample_file, tensor_file
 
 
 def spec_for(path, **extra) -> PreprocessSpec:
-    data = {"name": "ingested", "test_fraction": 0.2, "samples_per_task": 2,
-            "ingest": {"path": str(path)}, **extra}
+    data = {
+        "name": "ingested",
+        "test_fraction": 0.2,
+        "samples_per_task": 2,
+        "ingest": {"path": str(path)},
+        **extra,
+    }
     return PreprocessSpec.model_validate(data)
 
 

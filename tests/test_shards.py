@@ -41,5 +41,6 @@ def test_shard_round_trip_keeps_shape_dtype_and_values(dtype):
     assert table.schema.field("u").type.shape == [5, 7]
     # zstd-compressed Parquet, deterministic bytes for equal input
     assert data[:4] == b"PAR1"
-    assert sha256(data) == sha256(encode_shard([4, 5, 6], ["a", "b", "c"], [{"nu": 0.1}] * 3,
-                                               {"u": u}, dtype))
+    assert sha256(data) == sha256(
+        encode_shard([4, 5, 6], ["a", "b", "c"], [{"nu": 0.1}] * 3, {"u": u}, dtype)
+    )

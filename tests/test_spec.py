@@ -92,8 +92,9 @@ def test_malformed_overrides(bad):
 
 
 def test_digest_follows_content():
-    a = PreprocessSpec.model_validate({"name": "a", "samples": 4,
-                                       "simulation": {"pde": "diffusion-sorption"}})
+    a = PreprocessSpec.model_validate(
+        {"name": "a", "samples": 4, "simulation": {"pde": "diffusion-sorption"}}
+    )
     b = a.model_copy(update={"samples": 5})
     assert a.digest() == a.model_copy().digest()
     assert a.digest() != b.digest()

@@ -60,7 +60,7 @@ SINGULARITY_GUARD = 1e-6  # R(u) is evaluated at max(u, this) because u**(n_f-1)
 
 
 def cell_centres(nx: int) -> np.ndarray:
-    """Cell centres x_i = (i + 0.5) / nx of nx equal cells on (0, 1).  # (nx,)"""
+    """Cell centres x_i = (i + 0.5) / nx of nx equal cells on (0, 1) -> (nx,)."""
     if isinstance(nx, bool) or not isinstance(nx, (int, np.integer)) or nx < 2:
         raise ValueError(f"nx must be an integer >= 2, got {nx!r}")
     return (np.arange(nx) + 0.5) / nx

@@ -1,0 +1,113 @@
+"""The `physflow` command through typer's runner: exit codes and what a person reads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+SPEC = """
+name: tiny
+samples: 6
+samples_per_task: 2
+test_fraction: 0.2
+simulation: {pde: diffusion-sorption, nx: 32, nt: 6, t_end: 50.0}
+"""
+
+
+def physflow(*args, **env):
+    return runner.invoke(app, list(args), env=env or None)
+
+
+@pytest.fixture
+def spec(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(SPEC)
+    return path
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["preprocess"], ["datasets"], ["datasets", "show"], ["runs"]]
+)
+def test_every_command_has_help(command):
+    result = physflow(*command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+
+
+def test_end_to_end_on_embedded_defaults(home, spec, dask_address):
+    result = physflow("preprocess", str(spec), "--set", "samples=8", "--dask-address", dask_address)
+    assert result.exit_code == 0, result.output
+    assert "published tiny v1: 8 samples (train 6, test 2)" in result.output
+    assert (home / "datasets/tiny/v1/manifest.json").is_file()
+
+    listed = physflow("datasets")
+    assert listed.exit_code == 0 and "tiny" in listed.output and "v1" in listed.output
+
+    shown = physflow("datasets", "show", "tiny", "--verify")
+    assert shown.exit_code == 0, shown.output
+    assert "grid x    32 points" in shown.output
+    assert "verified  4 shards: every checksum matches" in shown.output
+    manifest = json.loads(physflow("datasets", "show", "tiny", "--json").output)
+    assert manifest["splits"]["train"]["rows"] == 6
+
+    runs = physflow("runs", "--experiment", "preprocess")
+    assert runs.exit_code == 0, runs.output
+    assert "tiny-v1" in runs.output and "FINISHED" in runs.output and "samples" in runs.output
+
+    again = physflow("preprocess", str(spec), "--set", "samples=8", "--dask-address", dask_address)
+    assert again.exit_code == 0 and "already published" in again.output
+
+
+def test_embedded_dask_cluster(home, spec):
+    result = physflow("preprocess", str(spec), "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert "published tiny v1: 6 samples" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "samples=0"], "samples: Input should be greater than or equal to 2"),
+        (["--set", "simulation.dx=1"], "simulation.dx: unknown key"),
+        (["--set", "samples"], "--set 'samples': expected key.path=value"),
+        (["--storage", "ftp://host/x"], "unsupported scheme 'ftp'"),
+        (["--storage", "s3://"], "no bucket name"),
+        (["--dask-address", "tcp://127.0.0.1:9"], "Dask scheduler tcp://127.0.0.1:9: cannot"),
+    ],
+)
+def test_user_mistakes_exit_2_with_one_line(home, spec, args, message):
+    result = physflow("preprocess", str(spec), *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_missing_things_exit_2(home, tmp_path):
+    cases = [
+        (["preprocess", str(tmp_path / "nope.yaml")], "spec file not found"),
+        (["datasets", "show", "absent"], "data set 'absent' not found"),
+        (["datasets", "show", "BAD NAME"], "data set 'BAD NAME': use lower-case"),
+        (["runs", "--experiment", "nothing"], "experiment 'nothing' not found"),
+        (["preprocess"], "Missing argument"),
+    ]
+    for args, message in cases:
+        result = physflow(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+
+
+def test_corrupt_shard_exits_1(home, spec, dask_address):
+    assert physflow("preprocess", str(spec), "--dask-address", dask_address).exit_code == 0
+    shard = home / "datasets/tiny/v1/test/part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    result = physflow("datasets", "show", "tiny", "--verify")
+    assert result.exit_code == 1
+    assert "test/part-00000.parquet: checksum mismatch" in result.output
