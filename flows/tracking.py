@@ -37,14 +37,18 @@ def tracking_uri() -> str:
 
 
 def _embedded_artifact_root(experiment: str) -> str | None:
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return None  # the server decides (proxied artifacts)
-    return (physflow_home() / "mlartifacts" / experiment).as_uri()
+    """For a SQLite store, artifacts beside the database; a server decides its own."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri.removeprefix("sqlite:///"))
+    return (database.parent / "mlartifacts" / experiment).as_uri()
 
 
 def _client():
     import mlflow
 
+    # Note: MLflow also exports this URI as MLFLOW_TRACKING_URI, for child processes.
     mlflow.set_tracking_uri(tracking_uri())
     return mlflow.MlflowClient()
 

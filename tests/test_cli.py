@@ -45,6 +45,11 @@ def test_end_to_end_on_embedded_defaults(home, spec, dask_address):
     assert result.exit_code == 0, result.output
     assert "published tiny v1: 8 samples (train 6, test 2)" in result.output
     assert (home / "datasets/tiny/v1/manifest.json").is_file()
+    # The embedded MLflow keeps its database and artifacts under the same folder.
+    assert (home / "mlflow.db").is_file()
+    pngs = list((home / "mlartifacts/preprocess").rglob("trajectories.png"))
+    assert len(pngs) == 1 and pngs[0].read_bytes()[:4] == b"\x89PNG"
+    assert not (home.parent / "mlruns").exists()
 
     listed = physflow("datasets")
     assert listed.exit_code == 0 and "tiny" in listed.output and "v1" in listed.output

@@ -27,9 +27,10 @@ u(1, t) = D * u_x(1, t), but its generator sets the ghost value to
 D * (u_{nx-2} - u_{nx-1}) / dx, i.e. u(1) = -D * u_x(1): the outflow sign used
 here. The written sign is not usable: with u_x(1) = u(1) / D the homogeneous
 problem has a growing mode sinh(k x) with tanh(k) / k = D, k ~ 1 / D, growing
-like exp(t / D) = exp(2000 t), and its half-cell discretisation is singular at
-dx = 2 D, i.e. near PDEBench's own 1024 cells. With the outflow sign the
-outflowing flux equals the boundary value, as for a flushed outlet.
+like exp(t / D) = exp(2000 t); its half-cell discretisation is singular at
+dx = 2 D (1000 cells) and overflows at PDEBench's own 1024 cells. With the
+outflow sign the outflowing flux equals the boundary value, as for a flushed
+outlet, and the problem is well posed at every resolution.
 
 Two further differences from PDEBench's generator: it places the boundary
 values a whole cell (not half a cell) from the end centres, which is first

@@ -116,6 +116,7 @@ def gaussian_random_field(
     k2 = k[:, None] ** 2 + k[None, :] ** 2  # (n, n)
     sqrt_eig = n**2 * math.sqrt(2.0) * sigma * (4.0 * np.pi**2 * k2 + tau**2) ** (-alpha / 2.0)
     sqrt_eig[0, 0] = 0.0
+    # complex normal, real and imaginary parts each of variance 1/2 (torch.randn, cfloat)
     coeff = (rng.standard_normal((n, n)) + 1j * rng.standard_normal((n, n))) / math.sqrt(2.0)
     return np.fft.ifft2(sqrt_eig * coeff).real
 
@@ -177,9 +178,9 @@ def _step(
     advection: _Advection,
 ) -> np.ndarray:
     """One step: each stage is a Crank-Nicolson substep of c * dt from w_h, c = 1/2, 1/2, 1."""
-    stage_h, n_stage = w_h, n_now
-    for fraction in STAGE_FRACTIONS:
-        if stage_h is not w_h:
+    stage_h, n_stage = w_h, n_now  # N(w_h) is already known from the dt choice
+    for i, fraction in enumerate(STAGE_FRACTIONS):
+        if i > 0:
             n_stage, _ = advection(stage_h)
         h = fraction * dt
         half_viscous = (0.5 * h) * nu_laplacian  # (n, m)
