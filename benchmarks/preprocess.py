@@ -16,6 +16,7 @@ import tempfile
 import time
 
 from flows.preprocess import PreprocessSpec, run_preprocess
+from flows.runtime import local_cluster
 from flows.storage import Storage
 
 
@@ -43,7 +44,7 @@ def spec(quick: bool) -> PreprocessSpec:
 
 
 def measure(job: PreprocessSpec, workers: int) -> dict:
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from actors.pde import gaussian_random_field, navier_stokes
 
@@ -53,24 +54,12 @@ def measure(job: PreprocessSpec, workers: int) -> dict:
         w0 = gaussian_random_field(np.random.default_rng(0), 32)
         navier_stokes.simulate(w0, np.linspace(0, 0.05, 2))
 
-    with LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-        # The scheduler still serves health/metrics over HTTP: loopback, any free port.
-        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-        env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"},
-    ) as cluster:
-        with Client(cluster) as client:
-            client.run(warm_up)  # imports and FFT plans, off the clock
-            with tempfile.TemporaryDirectory() as root:
-                t0 = time.perf_counter()
-                result = run_preprocess(
-                    job, Storage.at(root), dask_address=cluster.scheduler_address
-                )
-                wall = time.perf_counter() - t0
+    with local_cluster(workers) as cluster, Client(cluster) as client:
+        client.run(warm_up)  # imports and FFT plans, off the clock
+        with tempfile.TemporaryDirectory() as root:
+            t0 = time.perf_counter()
+            result = run_preprocess(job, Storage.at(root), dask_address=cluster.scheduler_address)
+            wall = time.perf_counter() - t0
     return {
         "workers": workers,
         "samples": result.samples,

@@ -79,16 +79,7 @@ def mlflow_server(s3, tmp_path_factory):
 @pytest.fixture(scope="session")
 def dask_address(s3):
     """A LocalCluster with 2 worker processes (started after S3 so workers see its creds)."""
-    from distributed import LocalCluster
+    from flows.runtime import local_cluster
 
-    cluster = LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-        # The scheduler still serves health/metrics over HTTP: loopback, any free port.
-        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-    )
-    yield cluster.scheduler_address
-    cluster.close()
+    with local_cluster(2) as cluster:
+        yield cluster.scheduler_address
