@@ -105,7 +105,11 @@ def sample_rng(seed: int, sample_id: int) -> np.random.Generator:
 
 
 class DiffusionSorptionSimulation(Spec):
-    """1-D diffusion–sorption (PDEBench's setting), u0 ~ U(initial_low, initial_high)."""
+    """1-D diffusion–sorption (PDEBench's setting), u0 ~ U(initial_low, initial_high).
+
+    The outflow boundary is u(1, t) = -D u_x(1, t), the sign of PDEBench's generator (the
+    sign printed in its paper makes the problem ill-posed; see actors/pde).
+    """
 
     pde: Literal["diffusion-sorption"]
     nx: int = Field(1024, ge=8, le=16384, description="finite-volume cells on (0, 1)")
@@ -118,6 +122,9 @@ class DiffusionSorptionSimulation(Spec):
     freundlich_exponent: float = Field(0.874, gt=0)
     initial_low: float = Field(0.0, ge=0)
     initial_high: float = Field(0.2, gt=0)
+    initial_condition: Literal["constant", "per-cell"] = Field(
+        "constant", description="one U(low, high) value per sample (PDEBench), or per cell"
+    )
     rtol: float = Field(1e-6, gt=0, lt=1)
 
     @model_validator(mode="after")
@@ -159,7 +166,13 @@ class DiffusionSorptionSimulation(Spec):
         model, times = self.model(), self.times()
         for i in ids:
             rng = sample_rng(seed, i)
-            u0 = random_initial_condition(rng, self.nx, self.initial_low, self.initial_high)
+            u0 = random_initial_condition(
+                rng,
+                self.nx,
+                self.initial_low,
+                self.initial_high,
+                per_cell=self.initial_condition == "per-cell",
+            )
             try:
                 u = model.simulate(u0, times, rtol=self.rtol)  # (nt, nx)
             except (RuntimeError, FloatingPointError) as exc:

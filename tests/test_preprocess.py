@@ -74,8 +74,10 @@ def test_diffusion_sorption_data_set(tmp_path, dask_address):
     assert stats["mean"] == pytest.approx(u.mean(), rel=1e-9)
     assert stats["std"] == pytest.approx(u.std(), rel=1e-9)
     assert (stats["min"], stats["max"]) == (u.min(), u.max())
-    # The physics: the left boundary feeds concentration 1 in; initial data is U(0, 0.2).
+    # The physics: the left boundary feeds concentration 1 in; initial data is one
+    # U(0, 0.2) value per sample (PDEBench's generator).
     assert np.all((u[:, 0] >= 0) & (u[:, 0] <= 0.2))
+    assert np.all(u[:, 0] == u[:, 0, :1]) and len(np.unique(u[:, 0, 0])) == 8
     assert u[:, -1, 0].mean() > u[:, 0, 0].mean()
 
     # Same samples whatever the chunking: each sample has its own seed.

@@ -141,6 +141,12 @@ def test_random_initial_condition():
     assert a.shape == (4096,) and a.min() >= 0.0 and a.max() < 0.2
     assert abs(a.mean() - 0.1) < 0.005  # U(0, 0.2): std of the mean 0.2 / sqrt(12 * 4096)
     assert np.std(np.diff(a)) > 0.05  # independent per cell, not one constant
+    values = [
+        random_initial_condition(np.random.default_rng(i), 16, per_cell=False) for i in range(2000)
+    ]
+    assert all(np.all(v == v[0]) for v in values)  # one value for the whole domain
+    firsts = np.array([v[0] for v in values])
+    assert firsts.min() >= 0.0 and firsts.max() < 0.2 and abs(firsts.mean() - 0.1) < 0.005
 
 
 def test_retardation_guards_the_singularity():

@@ -44,8 +44,9 @@ R varies strongly near u = 0), so scipy's BDF is used with a tridiagonal
 Jacobian sparsity pattern; the finite-difference Jacobian then costs three
 right-hand-side evaluations, which keeps 1024 cells cheap.
 
-Initial condition: PDEBench's paper states u(0, x) ~ U(0, 0.2); here each cell
-is drawn independently (PDEBench's generator draws one value for all cells).
+Initial condition: PDEBench's paper states u(0, x) ~ U(0, 0.2); its generator
+draws one value for all cells, which is the default of the preprocess spec
+(`initial_condition: constant`); `per-cell` draws each cell independently.
 """
 
 from __future__ import annotations
@@ -68,14 +69,21 @@ def cell_centres(nx: int) -> np.ndarray:
 
 
 def random_initial_condition(
-    rng: np.random.Generator, nx: int, low: float = 0.0, high: float = 0.2
+    rng: np.random.Generator,
+    nx: int,
+    low: float = 0.0,
+    high: float = 0.2,
+    per_cell: bool = True,
 ) -> np.ndarray:
-    """PDEBench-style initial concentration: u0_i ~ U(low, high), independent per cell."""
+    """Initial concentration u0 ~ U(low, high): independent per cell, or one value for the
+    whole domain (`per_cell=False`, as PDEBench's generator draws it)."""
     if not isinstance(rng, np.random.Generator):
         raise ValueError("rng must be a numpy Generator, e.g. np.random.default_rng(seed)")
     if not (np.isfinite(low) and np.isfinite(high) and 0.0 <= low < high):
         raise ValueError(f"need finite 0 <= low < high, got low={low!r}, high={high!r}")
     cell_centres(nx)  # validates nx
+    if not per_cell:
+        return np.full(nx, rng.uniform(low, high))
     return rng.uniform(low, high, size=nx)
 
 
