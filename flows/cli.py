@@ -112,8 +112,16 @@ def preprocess(
 
     job = load_spec(PreprocessSpec, spec, set_ or [])
     root = Storage.from_env(storage).check()
-    with _progress(f"{job.name} {job.version}", "shards") as update:
-        result, run_id = run_job(job, root, dask_address, workers, update)
+    try:
+        with _progress(f"{job.name} {job.version}", "shards") as update:
+            result, run_id = run_job(job, root, dask_address, workers, update)
+    except KeyboardInterrupt:
+        typer.echo(
+            f"interrupted: {job.name} {job.version} was not published; finished shards are "
+            f"kept, and the same command resumes from them",
+            err=True,
+        )
+        raise typer.Exit(130) from None
     m = result.manifest
     if result.already_published:
         out.print(f"{m.name} {m.version} is already published at {result.folder} (unchanged)")

@@ -83,7 +83,7 @@ def local_cluster(workers: int) -> Iterator:
     pre_spawn = {
         f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_PRE_SPAWN_ENV.items()
     }
-    with dask.config.set(pre_spawn):
+    with dask.config.set(pre_spawn), _workers_ignore_ctrl_c():
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
@@ -99,3 +99,21 @@ def local_cluster(workers: int) -> Iterator:
         yield cluster
     finally:
         cluster.close()
+
+
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Spawn worker processes with SIGINT ignored (the disposition survives exec, and Python
+    keeps it): Ctrl-C then reaches only the driver, which shuts the workers down cleanly
+    instead of each printing its own KeyboardInterrupt traceback."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
