@@ -42,7 +42,11 @@ out = _console()
 err = _console(stderr=True)
 
 # The metrics `physflow runs` shows first for an experiment; others fill up to five.
-KEY_METRICS = {"preprocess": ["samples", "samples_per_s", "bytes", "shards_resumed"]}
+KEY_METRICS = {
+    "preprocess": ["samples", "samples_per_s", "bytes", "shards_resumed"],
+    "train": ["test_rel_l2_mean", "loss", "lm_iterations", "converged_share", "step_seconds"],
+    "evaluate": ["test_rel_l2_mean", "test_rel_l2_std", "samples"],
+}
 
 SpecPath = Annotated[Path, typer.Argument(help="job spec (YAML)", show_default=False)]
 SetOption = Annotated[
@@ -138,6 +142,107 @@ def preprocess(
     if m.skipped:
         out.print(f"  skipped {len(m.skipped)} bad samples (see the manifest's 'skipped')")
     out.print(f"  run  {run_id} (experiment preprocess)")
+
+
+RayAddressOption = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster [env: RAY_ADDRESS; default: Ray started on this machine]"),
+]
+
+
+@app.command()
+@reports_errors
+def train(
+    spec: SpecPath,
+    set_: SetOption = None,
+    resume: Annotated[bool, typer.Option(help="continue from the run's last checkpoint")] = False,
+    storage: StorageOption = None,
+    ray_address: RayAddressOption = None,
+) -> None:
+    """Train a hard-constrained PDE model (PI-HC-MoE, PI-HC or PI-SC) on a data set."""
+    from flows.spec import load_spec
+    from flows.storage import Storage
+    from flows.train import TrainSpec
+    from flows.train import train as run_job
+
+    job = load_spec(TrainSpec, spec, set_ or [])
+    root = Storage.from_env(storage).check()
+    try:
+        with _progress(job.name, "steps", show_loss=True) as update:
+            result = run_job(job, root, resume, update, ray_address)
+    except KeyboardInterrupt:
+        typer.echo(
+            f"interrupted: checkpoint saved; continue with: physflow train {spec} --resume",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+    _print_train(result)
+
+
+def _print_train(result) -> None:
+    resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
+    out.print(f"trained {result.steps} steps{resumed} in {result.seconds:.1f} s")
+    out.print(f"  test relative L2  {result.rel_l2_mean:.2%} ± {result.rel_l2_std:.2%}")
+    out.print(f"  run    {result.run_id} (experiment train)")
+    if result.registered:
+        out.print(f"  model  {result.model_uri} (registered as {result.registered!r})")
+
+
+@app.command()
+@reports_errors
+def evaluate(
+    model: Annotated[str, typer.Argument(help="run id, runs:/<id>/model or models:/<name>/<v>")],
+    dataset: Annotated[str, typer.Option(help="data set name or version-folder URL")],
+    version: Annotated[str | None, typer.Option(help="data set version [default: latest]")] = (
+        None
+    ),
+    limit: Annotated[int | None, typer.Option(min=1, help="score at most this many")] = None,
+    storage: StorageOption = None,
+) -> None:
+    """Score a logged model on a data set's test split (relative L2)."""
+    from flows.evaluate import evaluate_model
+    from flows.storage import Storage
+
+    result = evaluate_model(model, dataset, version, Storage.from_env(storage).check(), limit=limit)
+    out.print(
+        f"{result.model_uri} on {result.dataset}: relative L2 {result.rel_l2_mean:.2%} "
+        f"± {result.rel_l2_std:.2%} over {result.samples} test samples"
+    )
+    out.print(f"  run  {result.run_id} (experiment evaluate)")
+
+
+@app.command("run")
+@reports_errors
+def run_quickstart(
+    spec: SpecPath,
+    set_: SetOption = None,
+    storage: StorageOption = None,
+    workers: Annotated[int | None, typer.Option(min=1, max=256, help="local Dask workers")] = (
+        None
+    ),
+    ray_address: RayAddressOption = None,
+) -> None:
+    """Preprocess, train, evaluate and register in one go (the quickstart)."""
+    from flows import tracking
+    from flows.quickstart import RunSpec, run
+    from flows.spec import load_spec
+    from flows.storage import Storage
+
+    job = load_spec(RunSpec, spec, set_ or [])
+    root = Storage.from_env(storage).check()
+    try:
+        with (
+            _progress(f"data {job.preprocess.name}", "shards") as pre,
+            _progress(f"train {job.train.name}", "steps", show_loss=True) as steps,
+        ):
+            data, result = run(job, root, pre, steps, None, workers, ray_address)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: the same command continues from the last checkpoint", err=True)
+        raise typer.Exit(130) from None
+    m = data.manifest
+    out.print(f"data   {m.name} {m.version}: {m.rows} samples at {data.folder}")
+    _print_train(result)
+    out.print(f"browse  make ui  (MLflow at {tracking.tracking_uri()})")
 
 
 @datasets_app.callback(invoke_without_command=True)
@@ -283,7 +388,7 @@ def _metric_columns(rows, first: list[str], most: int = 5) -> list[str]:
 class _progress:
     """A progress bar on stderr (hidden when stderr is not a terminal), fed by (done, total)."""
 
-    def __init__(self, label: str, unit: str):
+    def __init__(self, label: str, unit: str, show_loss: bool = False):
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -310,10 +415,11 @@ class _progress:
     def __enter__(self):
         self.bar.start()
 
-        def update(done: int, total: int) -> None:
+        def update(done: int, total: int, loss: float | None = None) -> None:
             if self.task is None:
-                self.task = self.bar.add_task(self.label, total=total)
-            self.bar.update(self.task, completed=done, total=total)
+                self.task = self.bar.add_task(self.label, total=total, loss="-")
+            fields = {} if loss is None else {"loss": f"{loss:.4g}"}
+            self.bar.update(self.task, completed=done, total=total, **fields)
 
         return update
 

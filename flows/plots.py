@@ -66,3 +66,41 @@ def trajectories(folder: Storage, manifest: DatasetManifest, count: int = 4):
     fig.colorbar(image, ax=axes[0].tolist(), label=name, shrink=0.9)
     fig.suptitle(f"{manifest.name} {manifest.version} — {manifest.pde['name']}")
     return fig
+
+
+def prediction(u: np.ndarray, truth: np.ndarray, problem) -> plt.Figure:
+    """Prediction, truth and absolute error of one test sample: (t, x) heatmaps for 1-D
+    fields, the last time's (x, y) field for 2-D ones."""
+    t = np.asarray(problem.grids["t"])
+    if u.ndim == 3:  # (nt, nx, ny): show the final time
+        u, truth = u[-1].T, truth[-1].T
+        extent, xlabel, ylabel = (0, 1, 0, 1), "x", "y"
+        title = f"t = {t[-1]:.3g}"
+    else:
+        x = np.asarray(problem.grids["x"])
+        extent, xlabel, ylabel, title = (x[0], x[-1], t[0], t[-1]), "x", "t", ""
+    error = np.abs(u - truth)
+    rel = np.linalg.norm(u - truth) / np.linalg.norm(truth)
+    vmin, vmax = float(truth.min()), float(truth.max())
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for ax, values, name, cmap, limits in (
+        (axes[0], u, "prediction", "viridis", (vmin, vmax)),
+        (axes[1], truth, "truth", "viridis", (vmin, vmax)),
+        (axes[2], error, "|error|", "magma", (0, float(error.max()))),
+    ):
+        image = ax.imshow(
+            values,
+            origin="lower",
+            aspect="auto",
+            extent=extent,
+            cmap=cmap,
+            vmin=limits[0],
+            vmax=limits[1],
+        )
+        ax.set_title(name)
+        ax.set_xlabel(xlabel)
+        fig.colorbar(image, ax=ax, shrink=0.85)
+    axes[0].set_ylabel(ylabel)
+    fig.suptitle(f"test sample — relative L2 {rel:.2%} {title}")
+    fig.tight_layout()
+    return fig

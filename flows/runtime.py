@@ -117,3 +117,42 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+# Ray -----------------------------------------------------------------------------------
+
+RAY_ADDRESS_VAR = "RAY_ADDRESS"
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, enabled: bool = True) -> Iterator[None]:
+    """Ray for the length of a job: joined at `address` / `RAY_ADDRESS` (a cluster with its
+    own token authentication, read by Ray from the environment), else started locally on
+    127.0.0.1 sized to this machine, without a dashboard. A Ray already initialised in this
+    process (a driver submitted as a Ray job, a test) is used as it is and left running."""
+    if not enabled:
+        yield
+        return
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get(RAY_ADDRESS_VAR)
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        else:
+            ray.init(
+                num_cpus=os.cpu_count(),
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+                _node_ip_address="127.0.0.1",
+            )
+    except ConnectionError as exc:
+        raise UserError(f"Ray cluster {address}: cannot connect ({exc})") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()

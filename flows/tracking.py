@@ -114,19 +114,31 @@ class JobRun:
 
 
 @contextlib.contextmanager
-def job_run(experiment: str, run_name: str, spec: Mapping[str, Any]) -> Iterator[JobRun]:
-    """Open a run in `experiment`, log the resolved spec (params + spec.yaml), close it.
+def job_run(
+    experiment: str, run_name: str, spec: Mapping[str, Any], run_id: str | None = None
+) -> Iterator[JobRun]:
+    """Open a run in `experiment` (or reopen `run_id` to continue it), log the resolved spec
+    (params + spec.yaml), close it.
 
-    The run ends FAILED if the job raises, KILLED on Ctrl-C, FINISHED otherwise.
+    The run ends FAILED if the job raises, KILLED on Ctrl-C, FINISHED otherwise. A reopened
+    run keeps its params (MLflow cannot change them); the spec it continued with is logged
+    as an artifact.
     """
     import mlflow
 
     experiment_id = ensure_experiment(experiment)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as active:
+    if run_id is not None:
+        active_run = mlflow.start_run(run_id=run_id)
+    else:
+        active_run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
+    with active_run as active:
         run = JobRun(run_id=active.info.run_id, experiment=experiment)
-        run.set_tags({"physflow.job": experiment})
-        run.log_params(flatten(spec))
-        run.log_yaml(dict(spec), "spec.yaml")
+        if run_id is None:
+            run.set_tags({"physflow.job": experiment})
+            run.log_params(flatten(spec))
+            run.log_yaml(dict(spec), "spec.yaml")
+        else:
+            run.log_yaml(dict(spec), "spec-resumed.yaml")
         try:
             yield run
         except KeyboardInterrupt:

@@ -1,0 +1,96 @@
+"""`physflow evaluate`: score a logged model on any compatible data set's test split."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from flows.datasets import open_dataset
+from flows.errors import UserError
+from flows.storage import Storage
+
+EXPERIMENT = "evaluate"
+
+
+@dataclass
+class Evaluation:
+    model_uri: str
+    dataset: str
+    samples: int
+    rel_l2_mean: float
+    rel_l2_std: float
+    run_id: str
+
+
+def model_uri(ref: str) -> str:
+    """A run id, `runs:/<id>/model` or `models:/<name>/<version|alias>` -> a model URI."""
+    if re.fullmatch(r"[0-9a-f]{32}", ref):
+        return f"runs:/{ref}/model"
+    if ref.startswith(("runs:/", "models:/")):
+        return ref
+    raise UserError(
+        f"model {ref!r}: expected a run id (32 hex digits), runs:/<id>/model or "
+        f"models:/<name>/<version>"
+    )
+
+
+def load_model(uri: str):
+    import mlflow
+
+    from flows.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        return mlflow.pytorch.load_model(uri, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many types for "not there"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model {uri}: cannot be loaded ({first[:200]})") from None
+
+
+def evaluate_model(
+    ref: str,
+    dataset: str,
+    version: str | None = None,
+    storage: Storage | None = None,
+    batch_size: int = 4,
+    limit: int | None = None,
+) -> Evaluation:
+    from flows import tracking
+    from flows.train import evaluate
+
+    uri = model_uri(ref)
+    model = load_model(uri)
+    data = open_dataset(dataset, version, storage or Storage.from_env())
+    m = data.manifest
+    field = model.constraint.field
+    if m.pde["name"] != model.pde or field not in m.fields:
+        raise UserError(
+            f"dataset {m.name}/{m.version} is {m.pde['name']!r}; model {uri} solves {model.pde!r}"
+        )
+    shape = tuple(m.fields[field].shape)
+    if shape != tuple(model.partition.grid_shape):
+        raise UserError(
+            f"dataset {m.name}/{m.version}: grid {shape} differs from the model's "
+            f"{tuple(model.partition.grid_shape)}"
+        )
+    errors, _ = evaluate(model, data, field, batch_size, limit)
+    errors = errors[:limit] if limit else errors
+    spec = {"model": uri, "dataset": f"{m.name}/{m.version}", "limit": limit}
+    with tracking.job_run(EXPERIMENT, f"{m.name}-{m.version}", spec) as run:
+        run.log_metrics(
+            {
+                "test_rel_l2_mean": float(np.mean(errors)),
+                "test_rel_l2_std": float(np.std(errors)),
+                "samples": len(errors),
+            }
+        )
+    return Evaluation(
+        uri,
+        f"{m.name}/{m.version}",
+        len(errors),
+        float(np.mean(errors)),
+        float(np.std(errors)),
+        run.run_id,
+    )

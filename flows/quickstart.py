@@ -1,0 +1,47 @@
+"""`physflow run`: the whole path in one command — preprocess a data set, train a model on
+it, evaluate it on the test split, register it, and say where to look.
+
+The spec has a `preprocess` section and a `train` section (whose `dataset` defaults to the
+preprocessed one). Re-running it reuses the published data set and continues the training
+run from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+from pydantic import model_validator
+
+from flows.preprocess import PreprocessSpec, preprocess
+from flows.spec import Spec
+from flows.storage import Storage
+from flows.train import TrainResult, TrainSpec, train
+
+
+class RunSpec(Spec):
+    preprocess: PreprocessSpec
+    train: TrainSpec
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_from_preprocess(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("train"), dict):
+            pre = data.get("preprocess") or {}
+            data["train"].setdefault("dataset", pre.get("name"))
+        return data
+
+
+def run(
+    spec: RunSpec,
+    storage: Storage | None = None,
+    preprocess_progress=None,
+    train_progress=None,
+    dask_address=None,
+    workers=None,
+    ray_address=None,
+):
+    storage = storage or Storage.from_env()
+    data, _ = preprocess(spec.preprocess, storage, dask_address, workers, preprocess_progress)
+    spec.train.dataset = data.folder
+    result: TrainResult = train(
+        spec.train, storage, resume="auto", progress=train_progress, ray_address=ray_address
+    )
+    return data, result

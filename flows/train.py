@@ -1,0 +1,465 @@
+"""`physflow train`: a hard-constrained PDE model trained on a published data set.
+
+    data set ─► batch (IC, truth) ─► network on the driver ─► basis b (B, N, *grid)
+       │                                   │  derivatives once, on the global grid
+       │                         K experts: slice of b at their collocation points
+       │                         └─ LM solve of the PDE on their sub-domain (Ray actors)
+       │                                   │  ω_k, implicit-gradient backward
+       └────────── loss = physics residual of u = b·ω_k on the full grid
+
+Three model kinds share everything but the constraint: `moe` (K experts), `hc` (one
+expert over the whole domain) and `sc` (no experts: the network predicts u and the PDE
+residual is a soft penalty). Checkpoints go to storage every `checkpoint_every` steps and
+on Ctrl-C, written atomically; `--resume` continues from the last one, in the same MLflow
+run.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from flows.datasets import NAME_PATTERN, Dataset, open_dataset
+from flows.errors import UserError
+from flows.spec import Spec
+from flows.storage import Storage
+
+EXPERIMENT = "train"
+
+
+class ModelSpec(Spec):
+    kind: Literal["moe", "hc", "sc"] = "moe"
+    basis: int = Field(16, ge=1, le=512, description="N, basis functions (hc, moe)")
+    width: int = Field(64, ge=4, le=1024)
+    modes: int = Field(8, ge=1, le=128)
+    layers: int = Field(5, ge=1, le=32)
+    splits: list[int] = Field(
+        [1, 4], min_length=2, max_length=3, description="sub-domains per axis (t, x[, y]); moe only"
+    )
+
+    @model_validator(mode="after")
+    def _splits(self) -> ModelSpec:
+        if any(s < 1 for s in self.splits):
+            raise ValueError(f"splits {self.splits}: every entry must be at least 1")
+        return self
+
+    def partition_splits(self, dims: int) -> tuple[int, ...]:
+        if self.kind == "moe":
+            if len(self.splits) != dims:
+                raise UserError(
+                    f"model.splits {self.splits}: needs {dims} entries for this data set's "
+                    f"grid ({'t, x' if dims == 2 else 't, x, y'})"
+                )
+            return tuple(self.splits)
+        return (1,) * dims
+
+
+class ConstraintSpec(Spec):
+    max_iterations: int = Field(50, ge=1, le=10_000)
+    tolerance: float = Field(1e-4, gt=0, lt=1)
+    damping: float = Field(1e-3, gt=0)
+    ridge: float = Field(1e-4, ge=0)
+    collocation_points: int = Field(20_000, ge=1, description="per expert, redrawn each step")
+
+
+class TrainingSpec(Spec):
+    steps: int = Field(4000, ge=1)
+    batch_size: int = Field(6, ge=1, le=4096)
+    lr: float = Field(1e-3, gt=0, lt=1)
+    lr_halve_every: int = Field(800, ge=1, description="steps between halvings of lr")
+    grad_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0)
+
+
+class ExpertsSpec(Spec):
+    executor: Literal["ray", "local"] = Field(
+        "ray", description="Ray actors, or in this process (tiny problems)"
+    )
+    gpus_per_expert: float | None = Field(None, ge=0, le=8)
+    cpus_per_expert: float | None = Field(None, gt=0, le=64)
+
+
+class TrainSpec(Spec):
+    name: str = Field(pattern=NAME_PATTERN, description="run name; checkpoints are kept under it")
+    dataset: str = Field(min_length=1, description="data set name or version-folder URL")
+    dataset_version: str | None = None
+    model: ModelSpec = ModelSpec()
+    constraint: ConstraintSpec = ConstraintSpec()
+    training: TrainingSpec = TrainingSpec()
+    experts: ExpertsSpec = ExpertsSpec()
+    eval_batch_size: int = Field(4, ge=1)
+    register_as: str | None = Field(None, description="registered model name (default: name)")
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    steps: int
+    rel_l2_mean: float
+    rel_l2_std: float
+    seconds: float
+    model_uri: str | None
+    registered: str | None
+    resumed_from: int | None
+
+
+# The problem: data set -> tensors -------------------------------------------------------
+
+
+@dataclass
+class Problem:
+    """What a model needs from a data set: grids, the PDE, the initial conditions."""
+
+    dataset: Dataset
+    pde: str
+    parameters: dict[str, float]
+    field: str
+    grids: dict[str, Any]  # axis -> torch tensor (float64)
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        return tuple(len(g) for g in self.grids.values())
+
+
+def open_problem(spec: TrainSpec, storage: Storage) -> Problem:
+    import torch
+    from actors.pinn import constraint_for
+
+    dataset = open_dataset(spec.dataset, spec.dataset_version, storage)
+    m = dataset.manifest
+    pde = m.pde["name"]
+    try:
+        constraint = constraint_for(pde, _pde_parameters(m.pde))
+    except ValueError as exc:
+        raise UserError(
+            f"dataset {m.name}/{m.version}: pde {pde!r} cannot be trained ({exc})"
+        ) from None
+    if constraint.field not in m.fields:
+        raise UserError(
+            f"dataset {m.name}/{m.version}: has fields {list(m.fields)}, a {pde} model "
+            f"needs {constraint.field!r}"
+        )
+    for split in ("train", "test"):
+        if split not in m.splits or m.splits[split].rows == 0:
+            raise UserError(f"dataset {m.name}/{m.version}: no {split} samples")
+    axes = m.fields[constraint.field].axes
+    grids = {a: torch.tensor(m.grids[a], dtype=torch.float64) for a in axes}
+    return Problem(dataset, pde, _pde_parameters(m.pde), constraint.field, grids)
+
+
+def _pde_parameters(pde: dict[str, Any]) -> dict[str, float]:
+    """The PDE parameters the constraint understands, from the manifest."""
+    keep = {
+        "diffusivity",
+        "porosity",
+        "bulk_density",
+        "freundlich_k",
+        "freundlich_exponent",
+        "t_end",
+        "viscosity",
+    }
+    return {k: float(v) for k, v in pde.get("parameters", {}).items() if k in keep}
+
+
+def build_model(spec: TrainSpec, problem: Problem):
+    from actors.constraint import LMOptions
+
+    from actors.surrogate import PDESurrogate
+
+    parameters = dict(problem.parameters)
+    parameters["t_end"] = float(problem.grids["t"][-1])
+    parameters["ridge"] = spec.constraint.ridge
+    options = LMOptions(
+        max_iterations=spec.constraint.max_iterations,
+        tolerance=spec.constraint.tolerance,
+        initial_damping=spec.constraint.damping,
+    )
+    m = spec.model
+    return PDESurrogate(
+        kind=m.kind,
+        pde=problem.pde,
+        parameters=parameters,
+        grids=problem.grids,
+        basis=m.basis,
+        width=m.width,
+        modes=m.modes,
+        layers=m.layers,
+        splits=m.partition_splits(len(problem.grids)),
+        options=options,
+        collocation_points=spec.constraint.collocation_points,
+    )
+
+
+# Checkpoints -----------------------------------------------------------------------------
+
+
+class Checkpoints:
+    """`<storage>/runs/<name>/checkpoints/step-NNNNNNN.pt` + `latest.json`, each written
+    atomically; the pointer is written after the checkpoint it names."""
+
+    def __init__(self, storage: Storage, name: str):
+        self.folder = storage.child("runs", name, "checkpoints")
+
+    def latest(self) -> dict[str, Any] | None:
+        pointer = self.folder.join("latest.json")
+        if not self.folder.exists(pointer):
+            return None
+        return self.folder.read_json(pointer)
+
+    def load(self, entry: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        data = self.folder.read_bytes(self.folder.join(entry["file"]))
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+    def save(self, state: dict[str, Any]) -> str:
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        name = f"step-{state['step']:07d}.pt"
+        self.folder.write_bytes(self.folder.join(name), buffer.getvalue())
+        self.folder.write_json(
+            self.folder.join("latest.json"),
+            {
+                "file": name,
+                "step": state["step"],
+                "run_id": state["run_id"],
+                "spec_digest": state["spec_digest"],
+            },
+        )
+        return name
+
+
+def _resumable_digest(spec: TrainSpec) -> str:
+    """Everything but the step budget must match for a run to be continued."""
+    return spec.model_copy(
+        update={"training": spec.training.model_copy(update={"steps": 0})}
+    ).digest()
+
+
+# Training --------------------------------------------------------------------------------
+
+
+def relative_l2(prediction, truth) -> np.ndarray:
+    """Per-sample ‖u − û‖₂ / ‖u‖₂ over the whole grid."""
+    diff = (prediction - truth).reshape(len(truth), -1)
+    return (diff.norm(dim=1) / truth.reshape(len(truth), -1).norm(dim=1)).detach().cpu().numpy()
+
+
+def evaluate(model, dataset: Dataset, field: str, batch_size: int, limit: int | None = None):
+    """Relative L2 of every test sample, and (prediction, truth) of the first batch."""
+    import torch
+
+    errors, first = [], None
+    model.eval()
+    with torch.no_grad():
+        for batch in dataset.batches("test", batch_size=batch_size):
+            truth = batch[field].to(torch.float64)  # (B, nt, *space)
+            u = model(truth[:, 0])
+            errors.append(relative_l2(u, truth))
+            if first is None:
+                first = (u.cpu().numpy(), truth.cpu().numpy())
+            if limit is not None and sum(len(e) for e in errors) >= limit:
+                break
+    model.train()
+    return np.concatenate(errors), first
+
+
+def train(
+    spec: TrainSpec,
+    storage: Storage | None = None,
+    resume: bool | Literal["auto"] = False,
+    progress=None,
+    ray_address: str | None = None,
+) -> TrainResult:
+    import torch
+
+    from flows import tracking
+    from flows.runtime import ray_session
+
+    storage = storage or Storage.from_env()
+    t_start = time.perf_counter()
+    problem = open_problem(spec, storage)
+    train_data = problem.dataset.arrays("train")[problem.field]  # (n, nt, *space)
+    torch.manual_seed(spec.training.seed)
+    model = build_model(spec, problem)
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec.training.lr)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, spec.training.lr_halve_every, 0.5)
+
+    checkpoints = Checkpoints(storage, spec.name)
+    latest, start, run_id = checkpoints.latest(), 0, None
+    digest = _resumable_digest(spec)
+    if latest is not None and not resume:
+        raise UserError(
+            f"run {spec.name!r} already has a checkpoint at step {latest['step']} in "
+            f"{checkpoints.folder.url}; continue it with --resume, or choose another name"
+        )
+    if resume is True and latest is None:
+        raise UserError(
+            f"--resume: run {spec.name!r} has no checkpoint in {checkpoints.folder.url}"
+        )
+    if latest is not None:
+        if latest["spec_digest"] != digest:
+            raise UserError(
+                f"--resume: run {spec.name!r} was started from a different spec; only "
+                f"training.steps may change when resuming"
+            )
+        state = checkpoints.load(latest)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start, run_id = state["step"], state["run_id"]
+
+    def checkpoint(step: int, run_id: str) -> None:
+        checkpoints.save(
+            {
+                "step": step,
+                "run_id": run_id,
+                "spec_digest": digest,
+                "spec": spec.resolved(),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+            }
+        )
+
+    use_ray = spec.experts.executor == "ray" and model.num_experts > 0
+    with (
+        tracking.job_run(EXPERIMENT, spec.name, spec.resolved(), run_id=run_id) as run,
+        ray_session(ray_address, enabled=use_ray),
+    ):
+        run.set_tags(
+            {
+                "dataset": f"{problem.dataset.manifest.name}/{problem.dataset.manifest.version}",
+                "model.kind": spec.model.kind,
+                "pde": problem.pde,
+                "experts": model.num_experts,
+            }
+        )
+        if use_ray:
+            from actors.experts import RayExperts
+
+            model.executor = RayExperts(
+                model.expert_config(),
+                model.num_experts,
+                spec.experts.gpus_per_expert,
+                spec.experts.cpus_per_expert,
+            )
+            run.log_json(model.executor.placement(), "experts/placement.json")
+        done = {"step": start}
+        try:
+            _loop(spec, model, optimizer, schedule, train_data, done, run, checkpoint, progress)
+        except KeyboardInterrupt:
+            run.set_tags({"interrupted_at_step": done["step"]})
+            checkpoint(done["step"], run.run_id)
+            raise
+        finally:
+            if model.executor is not None:
+                model.executor.close()
+                model.executor = None
+        errors, first = evaluate(model, problem.dataset, problem.field, spec.eval_batch_size)
+        run.log_metrics(
+            {"test_rel_l2_mean": float(errors.mean()), "test_rel_l2_std": float(errors.std())}
+        )
+        from flows import plots
+
+        run.log_figure(plots.prediction(first[0][0], first[1][0], problem), "prediction.png")
+        model_uri, registered = _log_model(run, model, problem, spec)
+    return TrainResult(
+        run_id=run.run_id,
+        steps=spec.training.steps,
+        rel_l2_mean=float(errors.mean()),
+        rel_l2_std=float(errors.std()),
+        seconds=time.perf_counter() - t_start,
+        model_uri=model_uri,
+        registered=registered,
+        resumed_from=start if latest is not None else None,
+    )
+
+
+def _loop(spec, model, optimizer, schedule, train_data, done, run, checkpoint, progress):
+    """The training steps from `done["step"]`, which it keeps up to date. Each step's batch
+    and collocation points come from (seed, step), so a resumed or retried step sees exactly
+    what the original would have."""
+    import torch
+
+    t = spec.training
+    n = len(train_data)
+    for step in range(done["step"], t.steps):
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([t.seed, step])
+        index = rng.choice(n, size=min(t.batch_size, n), replace=False)
+        truth = torch.from_numpy(np.ascontiguousarray(train_data[index])).to(torch.float64)
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        u, solved = model.step(truth[:, 0].float(), generator)
+        loss = model.constraint.physics_loss(u, truth[:, 0], model.grids)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        schedule.step()
+        done["step"] = step + 1
+        seconds = time.perf_counter() - t0
+        metrics = {
+            "loss": float(loss),
+            "grad_norm": float(norm),
+            "step_seconds": seconds,
+            "lr": schedule.get_last_lr()[0],
+        }
+        if solved is not None:
+            metrics.update(_expert_metrics(solved, seconds, model.executor))
+        if not math.isfinite(metrics["loss"]):
+            raise UserError(
+                f"training diverged at step {step + 1}: loss is {metrics['loss']}"
+                f" (lower training.lr or raise constraint.ridge)"
+            )
+        if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+            run.log_metrics(metrics, step=step + 1)
+        if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
+            checkpoint(step + 1, run.run_id)
+        if progress:
+            progress(step + 1, t.steps, metrics["loss"])
+
+
+def _expert_metrics(solved, step_seconds: float, executor) -> dict[str, float]:
+    d = solved.diagnostics
+    n = max(len(d), 1)
+    return {
+        "lm_iterations": sum(x.get("mean_iterations", 0.0) for x in d) / n,
+        "converged_share": sum(x.get("converged_share", 0.0) for x in d) / n,
+        "expert_seconds": solved.seconds,
+        "other_seconds": max(step_seconds - solved.seconds, 0.0),
+        "expert_restarts": float(getattr(executor, "restarts", 0)),
+    }
+
+
+def _log_model(run, model, problem: Problem, spec: TrainSpec) -> tuple[str | None, str | None]:
+    """Log with mlflow.pytorch (signature + input example) and register it."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    sample = problem.dataset.arrays("test")[problem.field][:1]  # (1, nt, *space)
+    initial = torch.from_numpy(np.ascontiguousarray(sample[:, 0])).float()
+    with torch.no_grad():
+        output = model(initial).cpu().numpy()
+    signature = infer_signature(initial.numpy(), output)
+    name = spec.register_as or spec.name
+    info = mlflow.pytorch.log_model(
+        model,
+        name="model",
+        signature=signature,
+        input_example=initial.numpy(),
+        registered_model_name=name,
+        pip_requirements=["physflow", "torch"],
+    )
+    return info.model_uri, name
