@@ -24,9 +24,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/physflow preprocess configs/preprocess-ds.yaml
-	$(BIN)/physflow datasets show diffusion-sorption
-	$(BIN)/physflow runs --experiment preprocess
+	$(BIN)/physflow run configs/quickstart.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check flows actors infra benchmarks tests

@@ -131,6 +131,7 @@ class Problem:
 
 def open_problem(spec: TrainSpec, storage: Storage) -> Problem:
     import torch
+
     from actors.pinn import constraint_for
 
     dataset = open_dataset(spec.dataset, spec.dataset_version, storage)
@@ -171,7 +172,6 @@ def _pde_parameters(pde: dict[str, Any]) -> dict[str, float]:
 
 def build_model(spec: TrainSpec, problem: Problem):
     from actors.constraint import LMOptions
-
     from actors.surrogate import PDESurrogate
 
     parameters = dict(problem.parameters)
@@ -434,8 +434,8 @@ def _expert_metrics(solved, step_seconds: float, executor) -> dict[str, float]:
     d = solved.diagnostics
     n = max(len(d), 1)
     return {
-        "lm_iterations": sum(x.get("mean_iterations", 0.0) for x in d) / n,
-        "converged_share": sum(x.get("converged_share", 0.0) for x in d) / n,
+        "lm_iterations": sum(x.get("iterations_mean", 0.0) for x in d) / n,
+        "converged_share": sum(x.get("converged_fraction", 0.0) for x in d) / n,
         "expert_seconds": solved.seconds,
         "other_seconds": max(step_seconds - solved.seconds, 0.0),
         "expert_restarts": float(getattr(executor, "restarts", 0)),
@@ -461,5 +461,7 @@ def _log_model(run, model, problem: Problem, spec: TrainSpec) -> tuple[str | Non
         input_example=initial.numpy(),
         registered_model_name=name,
         pip_requirements=["physflow", "torch"],
+        # The LM solve inside forward cannot be traced by torch.export: keep the module.
+        serialization_format="pickle",
     )
     return info.model_uri, name

@@ -1,0 +1,233 @@
+"""The experts of a model, in-process or as Ray actors, behind one interface.
+
+    executor.solve([params_k for k in experts])           -> Solved(omegas, diagnostics, token)
+    executor.vjp(token, omegas, [omega_bar_k ...])        -> [grads_k ...]
+
+`ExpertsFunction` turns that into an autograd node on the driver: the forward hands each
+expert only its own slice of the basis (through the object store under Ray), the backward
+sends each expert its ω̄ and receives the gradient w.r.t. its slice, computed by the
+implicit function theorem on the expert's device.
+
+Ray experts are placed with a placement group, one bundle per expert, spread over nodes:
+one GPU each where there are enough GPUs, equal fractions of a GPU where experts outnumber
+them, CPUs otherwise. An expert process that dies is restarted by Ray and the call retried
+(the solver keeps no state between calls); restarts are counted from the experts'
+incarnation ids and reported with the diagnostics.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from actors.expert import ExpertConfig, ExpertSolver
+
+Params = tuple[torch.Tensor, ...]
+
+
+@dataclass
+class Solved:
+    omegas: list[torch.Tensor]  # per expert (B, N)
+    diagnostics: list[dict[str, Any]]  # per expert
+    token: Any  # what the backward needs to find the forward's inputs again
+    seconds: float = 0.0  # wall time of the whole parallel solve
+
+
+@dataclass
+class InProcessExperts:
+    """Every expert in this process, one after the other: tiny problems and tests."""
+
+    config: ExpertConfig
+    num_experts: int
+    restarts: int = 0
+    solvers: list[ExpertSolver] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.solvers = [ExpertSolver(self.config) for _ in range(self.num_experts)]
+
+    def solve(self, params: list[Params]) -> Solved:
+        t0 = time.perf_counter()
+        out = [s.solve(p) for s, p in zip(self.solvers, params, strict=True)]
+        return Solved(
+            [o["omega"] for o in out],
+            [o["diagnostics"] for o in out],
+            params,
+            time.perf_counter() - t0,
+        )
+
+    def vjp(self, token: list[Params], omegas, omega_bars) -> list[tuple[torch.Tensor, ...]]:
+        out = [
+            s.vjp(p, w, wb)
+            for s, p, w, wb in zip(self.solvers, token, omegas, omega_bars, strict=True)
+        ]
+        return [o["grads"] for o in out]
+
+    def placement(self) -> list[dict[str, Any]]:
+        return [s.where() for s in self.solvers]
+
+    def close(self) -> None:
+        pass
+
+
+class RayExperts:
+    """One Ray actor per expert, placed by a placement group."""
+
+    def __init__(
+        self,
+        config: ExpertConfig,
+        num_experts: int,
+        gpus_per_expert: float | None = None,
+        cpus_per_expert: float | None = None,
+        max_restarts: int = 3,
+        strategy: str = "SPREAD",
+    ):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.config = config
+        self.num_experts = num_experts
+        resources = ray.cluster_resources()
+        gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
+        if gpus_per_expert is None:
+            gpus_per_expert = min(1.0, gpus / num_experts) if gpus else 0.0
+        if cpus_per_expert is None:
+            # Leave the driver a core; share what is left when experts outnumber cores.
+            cpus_per_expert = min(1.0, max(cpus - 1, 1) / num_experts)
+        bundle = {"CPU": cpus_per_expert}
+        if gpus_per_expert:
+            bundle["GPU"] = gpus_per_expert
+        self.bundle = bundle
+        self.group = placement_group([dict(bundle) for _ in range(num_experts)], strategy=strategy)
+        ready, _ = ray.wait([self.group.ready()], timeout=120)
+        if not ready:
+            ray.util.remove_placement_group(self.group)
+            raise RuntimeError(
+                f"cannot place {num_experts} experts with {bundle} each on this Ray cluster "
+                f"({cpus:g} CPUs, {gpus:g} GPUs)"
+            )
+        actor_cls = ray.remote(ExpertActor)
+        # Named, so that operators (and fault tests) can find an expert: physflow-<id>-expert-k
+        self.prefix = f"physflow-{uuid.uuid4().hex[:8]}"
+        self.actors = [
+            actor_cls.options(
+                name=f"{self.prefix}-expert-{k}",
+                num_cpus=bundle["CPU"],
+                num_gpus=bundle.get("GPU", 0),
+                max_restarts=max_restarts,
+                max_task_retries=max_restarts,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.group, placement_group_bundle_index=k
+                ),
+            ).remote(config)
+            for k in range(num_experts)
+        ]
+        self.incarnations = [w["incarnation"] for w in self.placement()]
+        self.restarts = 0
+
+    def _note(self, results: list[dict[str, Any]]) -> None:
+        for k, r in enumerate(results):
+            if r["incarnation"] != self.incarnations[k]:
+                self.incarnations[k] = r["incarnation"]
+                self.restarts += 1
+
+    def solve(self, params: list[Params]) -> Solved:
+        import ray
+
+        t0 = time.perf_counter()
+        refs = [ray.put(p) for p in params]  # each expert receives only its own slice
+        results = ray.get([a.solve.remote(r) for a, r in zip(self.actors, refs, strict=True)])
+        self._note(results)
+        return Solved(
+            [r["omega"] for r in results],
+            [r["diagnostics"] for r in results],
+            refs,
+            time.perf_counter() - t0,
+        )
+
+    def vjp(self, token, omegas, omega_bars) -> list[tuple[torch.Tensor, ...]]:
+        import ray
+
+        calls = [
+            a.vjp.remote(ref, w, wb)
+            for a, ref, w, wb in zip(self.actors, token, omegas, omega_bars, strict=True)
+        ]
+        results = ray.get(calls)
+        self._note(results)
+        return [r["grads"] for r in results]
+
+    def placement(self) -> list[dict[str, Any]]:
+        import ray
+
+        return ray.get([a.where.remote() for a in self.actors])
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        ray.util.remove_placement_group(self.group)
+
+
+class ExpertActor:
+    """The Ray actor: an ExpertSolver on the device Ray assigned to it."""
+
+    def __init__(self, config: ExpertConfig):
+        import ray
+
+        gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+        device = "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
+        torch.set_num_threads(1)  # one expert per core; BLAS threads would oversubscribe
+        self.solver = ExpertSolver(config, device)
+        self.gpu_ids = [str(g) for g in gpu_ids]
+
+    def solve(self, params: Params) -> dict[str, Any]:
+        return self.solver.solve(params)
+
+    def vjp(self, params: Params, omega, omega_bar) -> dict[str, Any]:
+        return self.solver.vjp(params, omega, omega_bar)
+
+    def where(self) -> dict[str, Any]:
+        import ray
+
+        return {
+            **self.solver.where(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": self.gpu_ids,
+        }
+
+
+class ExpertsFunction(torch.autograd.Function):
+    """Autograd node for all experts' solves: inputs are every expert's params, flattened;
+    outputs are every expert's ω."""
+
+    @staticmethod
+    def forward(ctx, executor, sizes: list[int], record: dict, *flat: torch.Tensor):
+        params, i = [], 0
+        for n in sizes:
+            params.append(tuple(t.detach() for t in flat[i : i + n]))
+            i += n
+        solved = executor.solve(params)
+        ctx.executor, ctx.token, ctx.omegas = executor, solved.token, solved.omegas
+        ctx.dtypes = [t.dtype for t in flat]
+        record["solved"] = solved
+        return tuple(solved.omegas)
+
+    @staticmethod
+    def backward(ctx, *omega_bars):
+        grads = ctx.executor.vjp(ctx.token, ctx.omegas, [g.contiguous() for g in omega_bars])
+        flat = [g for per_expert in grads for g in per_expert]
+        return (None, None, None, *(g.to(dt) for g, dt in zip(flat, ctx.dtypes, strict=True)))
+
+
+def solve_experts(executor, params: list[Params]) -> tuple[list[torch.Tensor], Solved]:
+    """Differentiable ω per expert; the Solved record carries diagnostics and timings."""
+    record: dict[str, Any] = {}
+    sizes = [len(p) for p in params]
+    flat = [t for p in params for t in p]
+    omegas = ExpertsFunction.apply(executor, sizes, record, *flat)
+    return list(omegas), record["solved"]

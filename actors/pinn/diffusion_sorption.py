@@ -1,0 +1,277 @@
+"""The diffusion-sorption constraint: residuals for the experts and the physics loss.
+
+PDE (PDEBench), x in (0, 1), t in (0, T]:
+
+    u_t = D / R(u) u_xx,   R(u) = 1 + ((1 - phi) / phi) rho_s k n_f u^(n_f - 1)
+    u(0, t) = 1 (inlet),   u(1, t) = -D u_x(1, t) (outflow; the data generator's sign)
+
+Scaled residual. With tau = t / T and the equation multiplied through by R(u):
+
+    r = R(u) u_tau - T D u_xx
+
+Why: t runs to 500 while D = 5e-4, so u_t and D u_xx are both O(1e-3) and far below the
+O(1) initial/boundary residuals; u_tau and T D u_xx (T D = 0.25) are O(1). Multiplying by
+R instead of dividing keeps the residual polynomial-like in u_tau, u_xx and bounded where
+R is large (R ~ 13 at u = 1e-6), and it is the form the finite-volume data generator
+conserves (R = dC/du of the total concentration). u^(n_f - 1) is singular at u = 0 and
+undefined below: R is evaluated at max(u, 1e-6), as in the generator.
+
+Derivatives (see `stencils`): u_tau by second-order central differences in time,
+one-sided at t = 0 and t = T; u_xx by second-order central differences, one-sided
+four-point at the first and last cell. The boundary conditions live on the faces x = 0
+and x = 1, which are not grid points (the data are at cell centres (i + 0.5) / nx): u and
+u_x there are extrapolated from the three nearest centres by Lagrange interpolation
+(third order for the value, second for the slope). The stencil weights come from the
+actual grid coordinates, so a vertex-centred grid works as well.
+
+Expert k's residual r(omega) (one sample; `diffusion_sorption_residual`) stacks:
+
+    m PDE rows       R(U omega) (T_ omega) - T D (X omega) at its collocation points
+    initial rows     u(0, x) - u0(x) at its t = 0 points (if its block starts at t = 0)
+    inlet rows       u(0, t) - 1 for its t > 0 (if its block holds the first cell)
+    outflow rows     u(1, t) + D u_x(1, t) for its t > 0 (if it holds the last cell)
+    ridge rows       ridge * omega
+
+The boundary rows skip t = 0: the data's initial condition (u0 ~ U(0, 0.2)) does not
+satisfy u(0) = 1, and the initial rows already pin that time level. The rows are not
+weighted against each other.
+
+Physics loss (all three variants): per sample the root-mean-square of the PDE residual
+over the full grid plus the RMS of the initial, inlet and outflow residuals; mean over
+the batch. RMS (the 2-norm over sqrt(point count)) keeps the loss independent of the
+resolution. Expect the data's own loss to be far from zero: the initial condition
+(u0 ~ U(0, 0.2)) is incompatible with u(0, t) = 1, so u jumps at the inlet at t = 0 and
+the first time levels' differences there are huge. For the finite-volume solution from
+u0 = 0.1 the full-grid residual RMS is 5.0 / 6.7 / 8.0 on 41x32 / 101x128 / 201x256
+grids (growing with resolution), but 0.05 / 0.03 / 0.04 from the fourth time level on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from actors.pinn.partition import Partition
+from actors.pinn.rows import check_points, gather_rows, rms
+from actors.pinn.stencils import (
+    first_derivative,
+    grid_spacing,
+    grid_values,
+    lagrange_weights,
+    second_derivative,
+    trace,
+)
+
+INLET_CONCENTRATION = 1.0  # u(0, t)
+SINGULARITY_GUARD = 1e-6  # R(u) is evaluated at max(u, this)
+
+
+def diffusion_sorption_residual(omega: Tensor, params: tuple[Tensor, ...]) -> Tensor:
+    """One expert's residual for ONE sample: omega (N,) -> r (M,), M = m + n_lin + N.
+
+    params = (u_rows (m, N), tau_rows (m, N), xx_rows (m, N), lin_rows (n_lin, N),
+    lin_target (n_lin,), constants (5,) = [sorption * n_f, n_f - 1, T D, ridge, guard]).
+    Pure torch (vmap/jacfwd-safe): no in-place ops, no data-dependent control flow.
+    """
+    u_rows, tau_rows, xx_rows, lin_rows, lin_target, constants = params
+    sorption, exponent, diffusion, ridge, guard = constants.unbind(-1)
+    u = u_rows @ omega  # (m,)
+    retardation = 1.0 + sorption * torch.maximum(u, guard) ** exponent
+    pde = retardation * (tau_rows @ omega) - diffusion * (xx_rows @ omega)  # (m,)
+    return torch.cat([pde, lin_rows @ omega - lin_target, ridge * omega])
+
+
+@dataclass(frozen=True)
+class DiffusionSorptionConstraint:
+    """Physical parameters (PDEBench defaults), the time scale and the experts' ridge."""
+
+    diffusivity: float = 5e-4  # D
+    porosity: float = 0.29  # phi
+    bulk_density: float = 2880.0  # rho_s
+    freundlich_k: float = 3.5e-4  # k
+    freundlich_exponent: float = 0.874  # n_f
+    t_end: float = 500.0  # T: tau = t / T
+    ridge: float = 1e-4
+
+    name: ClassVar[str] = "diffusion-sorption"
+    field: ClassVar[str] = "u"
+    axes: ClassVar[tuple[str, ...]] = ("t", "x")
+    periodic: ClassVar[tuple[bool, ...]] = (False, False)
+    dims: ClassVar[int] = 2
+    in_channels: ClassVar[int] = 3  # tau, x, u0
+    residual_fn = staticmethod(diffusion_sorption_residual)
+
+    def __post_init__(self) -> None:
+        for name in ("diffusivity", "freundlich_exponent", "t_end"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+        for name in ("bulk_density", "freundlich_k", "ridge"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        if not (np.isfinite(self.porosity) and 0.0 < self.porosity <= 1.0):
+            raise ValueError(f"porosity must be in (0, 1], got {self.porosity!r}")
+
+    # -- geometry ------------------------------------------------------------------------
+
+    @property
+    def sorption(self) -> float:
+        """((1 - phi) / phi) rho_s k n_f: R(u) = 1 + sorption * u^(n_f - 1)."""
+        phi = self.porosity
+        return (1.0 - phi) / phi * self.bulk_density * self.freundlich_k * self.freundlich_exponent
+
+    def grid_shape(self, grids) -> tuple[int, int]:
+        """(nt, nx) of grids["t"], grids["x"]."""
+        for axis in self.axes:
+            if axis not in grids:
+                raise ValueError(f"grids: missing axis {axis!r} (have {sorted(grids)})")
+        return len(grids["t"]), len(grids["x"])
+
+    def _geometry(self, grids, shape: tuple[int, ...] | None = None) -> dict:
+        nt, nx = self.grid_shape(grids)
+        if shape is not None and tuple(shape) != (nt, nx):
+            raise ValueError(f"field grid {tuple(shape)} does not match grids (nt, nx) {nt, nx}")
+        dt = grid_spacing(grids, "t", nt, min_points=3)
+        dx = grid_spacing(grids, "x", nx, min_points=4)
+        x = grid_values(grids, "x")
+        return {
+            "dtau": dt / self.t_end,
+            "dx": dx,
+            "left_value": lagrange_weights(x[:3], 0.0),  # u(0) from the first 3 centres
+            "right_value": lagrange_weights(x[-3:], 1.0),  # u(1) from the last 3
+            "right_slope": lagrange_weights(x[-3:], 1.0, derivative=1),  # u_x(1)
+        }
+
+    def constants(self, dtype: torch.dtype, device=None) -> Tensor:
+        """[sorption, n_f - 1, T D, ridge, guard] -> (5,), the scalars of the residual."""
+        values = [
+            self.sorption,
+            self.freundlich_exponent - 1.0,
+            self.t_end * self.diffusivity,
+            self.ridge,
+            SINGULARITY_GUARD,
+        ]
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    def retardation(self, u: Tensor) -> Tensor:
+        """R(u) with u^(n_f - 1) at max(u, 1e-6)."""
+        guarded = torch.clamp(u, min=SINGULARITY_GUARD)
+        return 1.0 + self.sorption * guarded ** (self.freundlich_exponent - 1.0)
+
+    # -- the network's side --------------------------------------------------------------
+
+    def inputs(self, initial: Tensor, grids) -> Tensor:
+        """initial (B, nx) -> (B, 3, nt, nx): channels tau = t / T, x, u0 broadcast over t."""
+        nt, nx = self.grid_shape(grids)
+        if not isinstance(initial, Tensor) or initial.ndim != 2 or initial.shape[1] != nx:
+            shape = tuple(initial.shape) if isinstance(initial, Tensor) else type(initial)
+            raise ValueError(f"initial must be (B, {nx}), got {shape}")
+        dtype, device = initial.dtype, initial.device
+        t = torch.as_tensor(grid_values(grids, "t"), dtype=dtype, device=device) / self.t_end
+        x = torch.as_tensor(grid_values(grids, "x"), dtype=dtype, device=device)
+        batch = initial.shape[0]
+        return torch.stack(
+            [
+                t[None, :, None].expand(batch, nt, nx),
+                x[None, None, :].expand(batch, nt, nx),
+                initial[:, None, :].expand(batch, nt, nx),
+            ],
+            dim=1,
+        )  # (B, 3, nt, nx)
+
+    def derivatives(self, basis: Tensor, grids) -> dict[str, Tensor]:
+        """basis (B, N, nt, nx) -> {"u", "u_tau", "u_xx"}: (B, N, nt, nx) each, and the face
+        traces {"u_left", "u_right", "ux_right"}: (B, N, nt) each (u_tau = du/d(t / T))."""
+        if not isinstance(basis, Tensor) or basis.ndim != 4:
+            raise ValueError("basis must be a (B, N, nt, nx) tensor")
+        g = self._geometry(grids, basis.shape[2:])
+        nx = basis.shape[-1]
+        return {
+            "u": basis,
+            "u_tau": first_derivative(basis, g["dtau"], axis=-2),
+            "u_xx": second_derivative(basis, g["dx"], axis=-1),
+            "u_left": trace(basis, g["left_value"], 0, axis=-1),
+            "u_right": trace(basis, g["right_value"], nx - 3, axis=-1),
+            "ux_right": trace(basis, g["right_slope"], nx - 3, axis=-1),
+        }
+
+    def pde_residual(self, u: Tensor, u_tau: Tensor, u_xx: Tensor) -> Tensor:
+        """R(u) u_tau - T D u_xx, elementwise."""
+        return self.retardation(u) * u_tau - (self.t_end * self.diffusivity) * u_xx
+
+    def residual_field(self, u: Tensor, grids) -> Tensor:
+        """u (B, nt, nx) -> PDE residual on the full grid (B, nt, nx)."""
+        if not isinstance(u, Tensor) or u.ndim != 3:
+            raise ValueError("u must be a (B, nt, nx) tensor")
+        d = self.derivatives(u[:, None], grids)
+        return self.pde_residual(d["u"], d["u_tau"], d["u_xx"])[:, 0]
+
+    def physics_loss(self, u: Tensor, initial: Tensor, grids) -> Tensor:
+        """Mean over the batch of RMS(PDE) + RMS(initial) + RMS(inlet) + RMS(outflow)."""
+        if not isinstance(u, Tensor) or u.ndim != 3:
+            raise ValueError("u must be a (B, nt, nx) tensor")
+        if not isinstance(initial, Tensor) or tuple(initial.shape) != (u.shape[0], u.shape[2]):
+            raise ValueError(f"initial must be {(u.shape[0], u.shape[2])} to match u")
+        d = self.derivatives(u[:, None], grids)
+        pde = self.pde_residual(d["u"], d["u_tau"], d["u_xx"])[:, 0]  # (B, nt, nx)
+        initial_r = u[:, 0, :] - initial.to(u.dtype)  # (B, nx)
+        inlet = d["u_left"][:, 0, 1:] - INLET_CONCENTRATION  # (B, nt - 1)
+        outflow = d["u_right"][:, 0, 1:] + self.diffusivity * d["ux_right"][:, 0, 1:]
+        per_sample = rms(pde, (1, 2)) + rms(initial_r, (1,)) + rms(inlet, (1,)) + rms(outflow, (1,))
+        return per_sample.mean()
+
+    # -- the experts' side ---------------------------------------------------------------
+
+    def expert_params(
+        self,
+        derivs: dict[str, Tensor],
+        initial: Tensor,
+        partition: Partition,
+        k: int,
+        points: Tensor,
+        grids=None,
+    ) -> tuple[Tensor, ...]:
+        """Expert k's problem data for each sample (leading dim B):
+        (u_rows (B, m, N), tau_rows (B, m, N), xx_rows (B, m, N), lin_rows (B, n_lin, N),
+        lin_target (B, n_lin), constants (B, 5)) for `diffusion_sorption_residual`.
+
+        Row gathers of `derivs`: differentiable w.r.t. the basis when it requires grad, so
+        the implicit backward's gradient w.r.t. these tensors reaches the network. Detach
+        them to ship them to an expert."""
+        basis = derivs["u"]
+        batch, n_basis, nt, nx = basis.shape
+        if tuple(partition.grid_shape) != (nt, nx):
+            raise ValueError(f"partition grid {partition.grid_shape} != basis grid {(nt, nx)}")
+        if not isinstance(initial, Tensor) or tuple(initial.shape) != (batch, nx):
+            raise ValueError(f"initial must be ({batch}, {nx})")
+        points = check_points(points, batch, nt * nx).to(basis.device)
+        st, sx = partition.slices(k)
+        dtype = basis.dtype
+        rows = [gather_rows(derivs[key], points) for key in ("u", "u_tau", "u_xx")]
+        lin_rows, lin_target = [], []
+        if st.start == 0:  # initial condition at this block's cells
+            lin_rows.append(basis[:, :, 0, sx].transpose(1, 2))  # (B, n_x, N)
+            lin_target.append(initial[:, sx].to(basis.device, dtype))
+        times = slice(max(st.start, 1), st.stop)  # boundary rows for t > 0 only
+        n_times = max(times.stop - times.start, 0)
+        if sx.start == 0 and n_times:
+            lin_rows.append(derivs["u_left"][:, :, times].transpose(1, 2))
+            lin_target.append(basis.new_full((batch, n_times), INLET_CONCENTRATION))
+        if sx.stop == nx and n_times:
+            outflow = derivs["u_right"] + self.diffusivity * derivs["ux_right"]  # (B, N, nt)
+            lin_rows.append(outflow[:, :, times].transpose(1, 2))
+            lin_target.append(basis.new_zeros((batch, n_times)))
+        if lin_rows:
+            lin = torch.cat(lin_rows, dim=1)  # (B, n_lin, N)
+            target = torch.cat(lin_target, dim=1)  # (B, n_lin)
+        else:
+            lin = basis.new_zeros((batch, 0, n_basis))
+            target = basis.new_zeros((batch, 0))
+        constants = self.constants(dtype, basis.device).expand(batch, -1)
+        params = (*rows, lin, target, constants)
+        return tuple(p.contiguous() for p in params)

@@ -1,0 +1,74 @@
+"""Building the experts' problems, and solving them in this process (tests, quick use).
+
+`expert_problems` is the driver-side half of a PI-HC(-MoE) step without the network:
+differentiate the basis once on the global grid, draw each expert's collocation points,
+and cut out each expert's parameter tuple. What runs the solves (in-process, Ray actors)
+only needs those tuples (detached) and `constraint.residual_fn`.
+
+`solve_experts` does the rest in-process with `actors.constraint.solve` and assembles u.
+When the basis requires grad, the tuples keep their graph, the solver differentiates
+omega implicitly (the implicit function theorem at the solution), and u is differentiable
+w.r.t. the basis both directly (u = b . omega) and through omega.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from actors.pinn.model import assemble
+from actors.pinn.partition import Partition
+
+
+def expert_problems(
+    constraint: Any,
+    basis: Tensor,
+    initial: Tensor,
+    grids: Mapping[str, Any],
+    partition: Partition,
+    m: int,
+    generator: torch.Generator | None = None,
+) -> list[tuple[Tensor, ...]]:
+    """basis (B, N, *grid), initial (B, *space) -> per expert its params tuple (leading B),
+    with m collocation points per sub-domain (shared by the batch, redrawn per call).
+    The tuples are differentiable w.r.t. the basis when it requires grad."""
+    derivs = constraint.derivatives(basis, grids)
+    return [
+        constraint.expert_params(
+            derivs, initial, partition, k, partition.sample(k, m, generator), grids
+        )
+        for k in range(partition.num_experts)
+    ]
+
+
+def solve_experts(
+    constraint: Any,
+    basis: Tensor,
+    initial: Tensor,
+    grids: Mapping[str, Any],
+    partition: Partition,
+    m: int,
+    generator: torch.Generator | None = None,
+    options: Any = None,
+) -> tuple[Tensor, list[Any]]:
+    """Solve every expert in this process -> (u (B, *grid), per-expert diagnostics).
+
+    `actors.constraint.solve` from omega = 0 with `options` (its defaults when None),
+    differentiable (implicitly) when the basis requires grad; the diagnostics are each
+    solve's `LMSolution.summary()`. Raises ImportError without `actors.constraint`.
+    """
+    from actors.constraint import solve
+
+    problems = expert_problems(constraint, basis, initial, grids, partition, m, generator)
+    extra = {} if options is None else {"options": options}
+    omegas, diagnostics = [], []
+    for params in problems:
+        omega, solution = solve(
+            constraint.residual_fn, params, None, n_unknowns=basis.shape[1], **extra
+        )
+        omegas.append(omega)
+        diagnostics.append(solution.summary())
+    return assemble(basis, omegas, partition), diagnostics

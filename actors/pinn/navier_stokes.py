@@ -1,0 +1,216 @@
+"""The 2-D Navier-Stokes (vorticity) constraint: residuals for the experts, physics loss.
+
+PDE on the periodic square, no forcing (axis order w[t, i, j] = w(t, x_i, y_j)):
+
+    w_t + u w_x + v w_y = nu lap(w),   lap(psi) = -w,   u = psi_y,   v = -psi_x
+
+Residual. The linear (not squared) residual r = w_t + u w_x + v w_y - nu lap(w), in
+physical time: vorticity, velocity and their gradients are O(1) to O(10) for the data's
+Gaussian random fields, so no rescaling is needed (t_end only scales the time input
+channel of the network). A least-squares solve of the linear residual has the same
+minimiser as the squared one when the residual can vanish, and its Jacobian is better
+conditioned (the squared residual squares the condition number).
+
+Derivatives (see `stencils`). Space is periodic, so x and y derivatives, the Laplacian
+and the velocity are spectral (FFT), exact for the grid's band-limited field and the same
+operators as the data generator; the period is n * spacing of each axis (1 for the data,
+x_i = i / n). Time is not periodic: w_t by second-order central differences, one-sided
+three-point at t = 0 and t = T. The residual therefore vanishes on an exact solution up to
+an O(dt^2) time-discretisation error.
+
+Bilinear in omega. Velocity is linear in the vorticity, so each basis function b_i gets
+its own velocity (u_i, v_i) once, on the global grid. With w = B omega the residual at a
+point is
+
+    (W_t omega) + (U omega)(W_x omega) + (V omega)(W_y omega) - nu (L omega),
+
+a quadratic form in omega: the only nonlinearity an expert's solve sees.
+
+Expert k's residual (`navier_stokes_residual`, one sample) stacks the m PDE rows at its
+collocation points, the initial rows w(0, x, y) - w0(x, y) at its t = 0 points (if its
+block starts at t = 0) and ridge * omega. Periodicity is built into the derivatives, so
+there are no boundary rows.
+
+Physics loss: per sample RMS of the PDE residual over the full grid plus RMS of the
+initial residual, mean over the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from actors.pinn.partition import Partition
+from actors.pinn.rows import check_points, gather_rows, rms
+from actors.pinn.stencils import first_derivative, grid_spacing, grid_values, periodic_symbols
+
+_ROW_KEYS = ("w_t", "w_x", "w_y", "lap", "u", "v")
+
+
+def navier_stokes_residual(omega: Tensor, params: tuple[Tensor, ...]) -> Tensor:
+    """One expert's residual for ONE sample: omega (N,) -> r (M,), M = m + n_ic + N.
+
+    params = (wt_rows, wx_rows, wy_rows, lap_rows, u_rows, v_rows (m, N) each,
+    ic_rows (n_ic, N), ic_target (n_ic,), constants (2,) = [nu, ridge]).
+    Pure torch (vmap/jacfwd-safe): no in-place ops, no data-dependent control flow.
+    """
+    wt, wx, wy, lap, u, v, ic_rows, ic_target, constants = params
+    viscosity, ridge = constants.unbind(-1)
+    pde = (wt @ omega) + (u @ omega) * (wx @ omega) + (v @ omega) * (wy @ omega)
+    pde = pde - viscosity * (lap @ omega)  # (m,)
+    return torch.cat([pde, ic_rows @ omega - ic_target, ridge * omega])
+
+
+@dataclass(frozen=True)
+class NavierStokesConstraint:
+    """Viscosity, the time scale of the input channel and the experts' ridge."""
+
+    viscosity: float = 1e-4
+    t_end: float = 5.0
+    ridge: float = 1e-4
+
+    name: ClassVar[str] = "navier-stokes"
+    field: ClassVar[str] = "vorticity"
+    axes: ClassVar[tuple[str, ...]] = ("t", "x", "y")
+    periodic: ClassVar[tuple[bool, ...]] = (False, True, True)
+    dims: ClassVar[int] = 3
+    in_channels: ClassVar[int] = 4  # tau, x, y, w0
+    residual_fn = staticmethod(navier_stokes_residual)
+
+    def __post_init__(self) -> None:
+        for name in ("viscosity", "ridge"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        if not (np.isfinite(self.t_end) and self.t_end > 0):
+            raise ValueError(f"t_end must be finite and > 0, got {self.t_end!r}")
+
+    def grid_shape(self, grids) -> tuple[int, int, int]:
+        """(nt, nx, ny) of grids["t"], grids["x"], grids["y"]."""
+        for axis in self.axes:
+            if axis not in grids:
+                raise ValueError(f"grids: missing axis {axis!r} (have {sorted(grids)})")
+        return len(grids["t"]), len(grids["x"]), len(grids["y"])
+
+    def constants(self, dtype: torch.dtype, device=None) -> Tensor:
+        """[nu, ridge] -> (2,)."""
+        return torch.tensor([self.viscosity, self.ridge], dtype=dtype, device=device)
+
+    # -- the network's side --------------------------------------------------------------
+
+    def inputs(self, initial: Tensor, grids) -> Tensor:
+        """initial (B, nx, ny) -> (B, 4, nt, nx, ny): tau = t / T, x, y, w0 broadcast over t."""
+        nt, nx, ny = self.grid_shape(grids)
+        if not isinstance(initial, Tensor) or initial.ndim != 3 or initial.shape[1:] != (nx, ny):
+            shape = tuple(initial.shape) if isinstance(initial, Tensor) else type(initial)
+            raise ValueError(f"initial must be (B, {nx}, {ny}), got {shape}")
+        dtype, device = initial.dtype, initial.device
+        t = torch.as_tensor(grid_values(grids, "t"), dtype=dtype, device=device) / self.t_end
+        x = torch.as_tensor(grid_values(grids, "x"), dtype=dtype, device=device)
+        y = torch.as_tensor(grid_values(grids, "y"), dtype=dtype, device=device)
+        shape = (initial.shape[0], nt, nx, ny)
+        return torch.stack(
+            [
+                t[None, :, None, None].expand(shape),
+                x[None, None, :, None].expand(shape),
+                y[None, None, None, :].expand(shape),
+                initial[:, None].expand(shape),
+            ],
+            dim=1,
+        )  # (B, 4, nt, nx, ny)
+
+    def derivatives(self, basis: Tensor, grids) -> dict[str, Tensor]:
+        """basis (B, N, nt, nx, ny) -> {"w", "w_t", "w_x", "w_y", "lap", "u", "v"}, each
+        (B, N, nt, nx, ny); (u, v) is the velocity of each basis function on its own."""
+        if not isinstance(basis, Tensor) or basis.ndim != 5:
+            raise ValueError("basis must be a (B, N, nt, nx, ny) tensor")
+        nt, nx, ny = self.grid_shape(grids)
+        if tuple(basis.shape[2:]) != (nt, nx, ny):
+            raise ValueError(f"basis grid {tuple(basis.shape[2:])} != grids {(nt, nx, ny)}")
+        dt = grid_spacing(grids, "t", nt, min_points=3)
+        dx = grid_spacing(grids, "x", nx, min_points=4)
+        dy = grid_spacing(grids, "y", ny, min_points=4)
+        real = basis.dtype
+        ikx, kx2 = periodic_symbols(nx, nx * dx, real, basis.device)
+        iky, ky2 = periodic_symbols(ny, ny * dy, real, basis.device, half=True)
+        ikx, kx2 = ikx[:, None], kx2[:, None]  # (nx, 1)
+        laplacian = kx2 + ky2[None, :]  # (nx, ny // 2 + 1): the symbol -|k|^2 of lap
+        safe = torch.where(laplacian < 0, laplacian, -1.0)
+        inverse = torch.where(laplacian < 0, -1.0 / safe, 0.0)  # 1 / |k|^2, 0 at k = 0
+        spectrum = torch.fft.rfft2(basis)  # (B, N, nt, nx, ny // 2 + 1)
+        psi = spectrum * inverse  # lap(psi) = -w; the mean (k = 0) carries no velocity
+
+        def back(s: Tensor) -> Tensor:
+            return torch.fft.irfft2(s, s=(nx, ny))
+
+        return {
+            "w": basis,
+            "w_t": first_derivative(basis, dt, axis=-3),
+            "w_x": back(ikx * spectrum),
+            "w_y": back(iky * spectrum),
+            "lap": back(laplacian * spectrum),
+            "u": back(iky * psi),
+            "v": back(-ikx * psi),
+        }
+
+    def pde_residual(self, d: dict[str, Tensor]) -> Tensor:
+        """w_t + u w_x + v w_y - nu lap(w) from a derivatives dict, elementwise."""
+        return d["w_t"] + d["u"] * d["w_x"] + d["v"] * d["w_y"] - self.viscosity * d["lap"]
+
+    def residual_field(self, w: Tensor, grids) -> Tensor:
+        """w (B, nt, nx, ny) -> PDE residual on the full grid (B, nt, nx, ny)."""
+        if not isinstance(w, Tensor) or w.ndim != 4:
+            raise ValueError("w must be a (B, nt, nx, ny) tensor")
+        return self.pde_residual(self.derivatives(w[:, None], grids))[:, 0]
+
+    def physics_loss(self, w: Tensor, initial: Tensor, grids) -> Tensor:
+        """Mean over the batch of RMS(PDE residual) + RMS(w(0) - w0)."""
+        if not isinstance(w, Tensor) or w.ndim != 4:
+            raise ValueError("w must be a (B, nt, nx, ny) tensor")
+        if not isinstance(initial, Tensor) or tuple(initial.shape) != (w.shape[0], *w.shape[2:]):
+            raise ValueError(f"initial must be {(w.shape[0], *w.shape[2:])} to match w")
+        pde = self.residual_field(w, grids)  # (B, nt, nx, ny)
+        initial_r = w[:, 0] - initial.to(w.dtype)  # (B, nx, ny)
+        return (rms(pde, (1, 2, 3)) + rms(initial_r, (1, 2))).mean()
+
+    # -- the experts' side ---------------------------------------------------------------
+
+    def expert_params(
+        self,
+        derivs: dict[str, Tensor],
+        initial: Tensor,
+        partition: Partition,
+        k: int,
+        points: Tensor,
+        grids=None,
+    ) -> tuple[Tensor, ...]:
+        """Expert k's problem data for each sample (leading dim B):
+        (wt, wx, wy, lap, u, v rows (B, m, N) each, ic_rows (B, n_ic, N), ic_target
+        (B, n_ic), constants (B, 2)) for `navier_stokes_residual`.
+
+        Row gathers of `derivs`: differentiable w.r.t. the basis when it requires grad, so
+        the implicit backward's gradient w.r.t. these tensors reaches the network. Detach
+        them to ship them to an expert."""
+        basis = derivs["w"]
+        batch, n_basis, nt, nx, ny = basis.shape
+        if tuple(partition.grid_shape) != (nt, nx, ny):
+            raise ValueError(f"partition grid {partition.grid_shape} != basis grid {(nt, nx, ny)}")
+        if not isinstance(initial, Tensor) or tuple(initial.shape) != (batch, nx, ny):
+            raise ValueError(f"initial must be ({batch}, {nx}, {ny})")
+        points = check_points(points, batch, nt * nx * ny).to(basis.device)
+        st, sx, sy = partition.slices(k)
+        dtype = basis.dtype
+        rows = [gather_rows(derivs[key], points) for key in _ROW_KEYS]
+        if st.start == 0:
+            ic = basis[:, :, 0, sx, sy].reshape(batch, n_basis, -1).transpose(1, 2)
+            target = initial[:, sx, sy].reshape(batch, -1).to(basis.device, dtype)
+        else:
+            ic = basis.new_zeros((batch, 0, n_basis))
+            target = basis.new_zeros((batch, 0))
+        constants = self.constants(dtype, basis.device).expand(batch, -1)
+        params = (*rows, ic, target, constants)
+        return tuple(p.contiguous() for p in params)

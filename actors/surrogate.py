@@ -1,0 +1,106 @@
+"""The trained model: network + constraint + partition, as one torch module.
+
+`PDESurrogate(initial) -> u` is what MLflow logs and `physflow evaluate` loads. In
+training, `step(initial, generator)` also returns the experts' diagnostics; the experts
+run wherever `executor` says (Ray actors during training, this process by default).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+from actors.constraint import LMOptions
+from actors.expert import ExpertConfig
+from actors.experts import InProcessExperts, Solved, solve_experts
+from actors.pinn import BasisNetwork, Partition, SoftConstrained, assemble, constraint_for
+
+
+class PDESurrogate(nn.Module):
+    def __init__(
+        self,
+        kind: str,
+        pde: str,
+        parameters: dict[str, float],
+        grids: dict[str, torch.Tensor],
+        basis: int,
+        width: int,
+        modes: int,
+        layers: int,
+        splits: tuple[int, ...],
+        options: LMOptions,
+        collocation_points: int,
+    ):
+        super().__init__()
+        if kind not in ("moe", "hc", "sc"):
+            raise ValueError(f"kind {kind!r}: expected 'moe', 'hc' or 'sc'")
+        self.kind, self.pde, self.pde_parameters = kind, pde, dict(parameters)
+        self.options, self.collocation_points = options, collocation_points
+        self.axes = list(grids)
+        for axis, grid in grids.items():
+            self.register_buffer(f"grid_{axis}", grid.to(torch.float64))
+        self.constraint = constraint_for(pde, self.pde_parameters)
+        self.partition = Partition(tuple(len(g) for g in grids.values()), tuple(splits))
+        if kind == "sc":
+            self.network = SoftConstrained.for_constraint(
+                self.constraint, width=width, modes=modes, layers=layers
+            )
+        else:
+            self.network = BasisNetwork.for_constraint(
+                self.constraint, num_basis=basis, width=width, modes=modes, layers=layers
+            )
+        self.basis_size = basis
+        self.executor: Any = None  # set by the trainer; in-process when left None
+
+    @property
+    def grids(self) -> dict[str, torch.Tensor]:
+        return {a: getattr(self, f"grid_{a}") for a in self.axes}
+
+    @property
+    def num_experts(self) -> int:
+        return 0 if self.kind == "sc" else self.partition.num_experts
+
+    def expert_config(self) -> ExpertConfig:
+        return ExpertConfig(self.pde, self.pde_parameters, self.options, self.basis_size)
+
+    def _executor(self):
+        if self.executor is None:
+            self.executor = InProcessExperts(self.expert_config(), self.num_experts)
+        return self.executor
+
+    def step(
+        self,
+        initial: torch.Tensor,
+        generator: torch.Generator | None = None,
+        points: int | None = None,
+    ) -> tuple[torch.Tensor, Solved | None]:
+        """initial (B, *space) -> u (B, *grid) and the experts' record (None for sc)."""
+        if self.kind == "sc":
+            return self.network(initial, self.grids), None
+        basis = self.network(initial, self.grids).to(torch.float64)  # (B, N, *grid)
+        derivs = self.constraint.derivatives(basis, self.grids)
+        m = points or self.collocation_points
+        params = []
+        for k in range(self.partition.num_experts):
+            where = self.partition.sample(k, m, generator)
+            params.append(
+                self.constraint.expert_params(
+                    derivs, initial.to(torch.float64), self.partition, k, where, self.grids
+                )
+            )
+        omegas, solved = solve_experts(self._executor(), params)
+        return assemble(basis, omegas, self.partition), solved
+
+    def forward(self, initial: torch.Tensor) -> torch.Tensor:
+        """Inference: every point of each sub-domain is a collocation point."""
+        u, _ = self.step(initial, points=sys.maxsize)
+        return u
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Executors hold processes and Ray handles: never part of a saved model.
+        state = self.__dict__.copy()
+        state["executor"] = None
+        return state

@@ -1,0 +1,163 @@
+"""Training end to end on a tiny diffusion–sorption data set: the three model kinds,
+resume, a killed expert, evaluation, and the user mistakes."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.errors import UserError
+from flows.preprocess import PreprocessSpec, run_preprocess
+from flows.storage import Storage
+from flows.train import TrainSpec, train
+
+runner = CliRunner()
+
+DATA = {
+    "name": "ds-tiny",
+    "samples": 10,
+    "test_fraction": 0.2,
+    "samples_per_task": 5,
+    "simulation": {"pde": "diffusion-sorption", "nx": 32, "nt": 9, "t_end": 500.0},
+}
+
+
+@pytest.fixture
+def tiny(home, dask_address):
+    """A published tiny data set in the test's embedded storage."""
+    storage = Storage.from_env()
+    run_preprocess(PreprocessSpec.model_validate(DATA), storage, dask_address=dask_address)
+    return storage
+
+
+def spec(**changes) -> TrainSpec:
+    data = {
+        "name": "tiny",
+        "dataset": "ds-tiny",
+        "model": {"kind": "moe", "basis": 6, "width": 8, "modes": 4, "layers": 2, "splits": [1, 2]},
+        "constraint": {"max_iterations": 15, "collocation_points": 60},
+        "training": {
+            "steps": 6,
+            "batch_size": 2,
+            "lr": 3e-3,
+            "checkpoint_every": 3,
+            "log_every": 1,
+        },
+        "experts": {"executor": "local"},
+    }
+    for key, value in changes.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            data[section] = {**data[section], leaf: value}
+        else:
+            data[key] = value
+    return TrainSpec.model_validate(data)
+
+
+@pytest.mark.parametrize("kind", ["moe", "hc", "sc"])
+def test_each_kind_trains_logs_and_registers(tiny, kind):
+    result = train(spec(name=f"tiny-{kind}", model__kind=kind), tiny)
+    assert result.steps == 6 and np.isfinite(result.rel_l2_mean)
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.kind"] == kind
+    assert "test_rel_l2_mean" in run.data.metrics and "loss" in run.data.metrics
+    history = mlflow.MlflowClient().get_metric_history(result.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    if kind != "sc":
+        assert 0.0 <= run.data.metrics["converged_share"] <= 1.0
+        assert run.data.metrics["lm_iterations"] >= 1
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
+    assert {"prediction.png", "spec.yaml"} <= names
+    versions = mlflow.MlflowClient().search_model_versions(f"name='tiny-{kind}'")
+    assert [v.run_id for v in versions] == [result.run_id]
+    assert result.registered == f"tiny-{kind}"
+    model = mlflow.pytorch.load_model(result.model_uri)
+    assert model.kind == kind
+
+
+def test_resume_continues_from_the_checkpoint(tiny):
+    first = train(spec(), tiny)
+    with pytest.raises(UserError, match="already has a checkpoint at step 6.*--resume"):
+        train(spec(), tiny)
+    more = train(spec(training__steps=9), tiny, resume=True)
+    assert more.resumed_from == 6 and more.run_id == first.run_id
+    history = mlflow.MlflowClient().get_metric_history(first.run_id, "loss")
+    assert sorted({m.step for m in history}) == list(range(1, 10))
+    with pytest.raises(UserError, match="different spec"):
+        train(spec(training__steps=12, training__lr=1e-2), tiny, resume=True)
+    with pytest.raises(UserError, match="has no checkpoint"):
+        train(spec(name="never-ran"), tiny, resume=True)
+
+
+def test_a_killed_expert_does_not_stop_training(tiny):
+    import ray
+
+    reference = train(spec(name="calm", experts__executor="ray"), tiny)
+    killed = []
+
+    def kill_one(step, total, loss):
+        if step == 2 and not killed:
+            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+            victim = next(n for n in names if n.endswith("-expert-1"))
+            ray.kill(ray.get_actor(victim), no_restart=False)
+            killed.append(victim)
+
+    stormy = train(spec(name="stormy", experts__executor="ray"), tiny, progress=kill_one)
+    assert killed
+    run = mlflow.get_run(stormy.run_id)
+    assert run.data.metrics["expert_restarts"] == 1
+    final = {r: mlflow.get_run(r).data.metrics["loss"] for r in (reference.run_id, stormy.run_id)}
+    assert final[stormy.run_id] == pytest.approx(final[reference.run_id], rel=0.05)
+
+
+def test_cli_train_evaluate_and_user_errors(tiny, tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text(spec().model_dump_json())
+    result = runner.invoke(app, ["train", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "test relative L2" in result.output and "registered as 'tiny'" in result.output
+    run_id = next(
+        line.split()[1] for line in result.output.splitlines() if line.strip().startswith("run ")
+    )
+
+    scored = runner.invoke(app, ["evaluate", run_id, "--dataset", "ds-tiny"])
+    assert scored.exit_code == 0, scored.output
+    assert "relative L2" in scored.output and "over 2 test samples" in scored.output
+    by_name = runner.invoke(app, ["evaluate", "models:/tiny/1", "--dataset", "ds-tiny"])
+    assert by_name.exit_code == 0, by_name.output
+
+    cases = [
+        (["train", str(path), "--set", "model.kind=big"], "model.kind: Input should be"),
+        (["train", str(path), "--set", "dataset=missing"], "data set 'missing' not found"),
+        (["train", str(path), "--set", "model.splits=[1, 2, 2]"], "model.splits [1, 2, 2]"),
+        (["evaluate", "nonsense", "--dataset", "ds-tiny"], "expected a run id"),
+        (["evaluate", "0" * 32, "--dataset", "ds-tiny"], "cannot be loaded"),
+    ]
+    for args, message in cases:
+        got = runner.invoke(app, args)
+        assert got.exit_code == 2, (args, got.output)
+        assert message in got.output, (args, got.output)
+        assert "Traceback" not in got.output
+
+
+def test_a_data_set_of_another_pde_is_refused(home, dask_address, tmp_path):
+    ns = {
+        "name": "ns-tiny",
+        "samples": 4,
+        "test_fraction": 0.25,
+        "samples_per_task": 2,
+        "simulation": {"pde": "navier-stokes", "resolution": 32, "t_end": 0.2, "nt": 3},
+    }
+    storage = Storage.from_env()
+    run_preprocess(PreprocessSpec.model_validate(ns), storage, dask_address=dask_address)
+    run_preprocess(PreprocessSpec.model_validate(DATA), storage, dask_address=dask_address)
+    trained = train(spec(), storage)
+    got = runner.invoke(app, ["evaluate", trained.run_id, "--dataset", "ns-tiny"])
+    assert got.exit_code == 2 and "is 'navier-stokes'; model" in got.output, got.output
+    # The model kinds apply to both PDEs, but a 2-D split on a 3-D grid is a user error.
+    with pytest.raises(UserError, match="needs 3 entries"):
+        train(spec(name="ns", dataset="ns-tiny"), storage)
