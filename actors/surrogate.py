@@ -16,7 +16,7 @@ from torch import nn
 from actors.constraint import LMOptions
 from actors.expert import ExpertConfig
 from actors.experts import InProcessExperts, Solved, solve_experts
-from actors.pinn import BasisNetwork, Partition, SoftConstrained, assemble, constraint_for
+from actors.pinn import BasisNetwork, Partition, SoftConstrained, constraint_for
 
 
 class PDESurrogate(nn.Module):
@@ -71,6 +71,37 @@ class PDESurrogate(nn.Module):
             self.executor = InProcessExperts(self.expert_config(), self.num_experts)
         return self.executor
 
+    def fields(
+        self,
+        initial: torch.Tensor,
+        generator: torch.Generator | None = None,
+        points: int | None = None,
+    ) -> tuple[dict[str, torch.Tensor], Solved | None]:
+        """initial (B, *space) -> the solution's fields on the grid (the solution and the
+        derivatives the PDE needs) and the experts' record (None for sc)."""
+        if self.kind == "sc":
+            u = self.network(initial, self.grids).to(torch.float64)  # (B, *grid)
+            derivs = self.constraint.derivatives(u[:, None], self.grids)
+            return {k: v[:, 0] for k, v in derivs.items()}, None
+        basis = self.network(initial, self.grids).to(torch.float64)  # (B, N, *grid)
+        basis = unit_rms(basis)
+        derivs = self.constraint.derivatives(basis, self.grids)
+        m = points or self.collocation_points
+        initial64 = initial.to(torch.float64)
+        params = [
+            self.constraint.expert_params(
+                derivs,
+                initial64,
+                self.partition,
+                k,
+                self.partition.sample(k, m, generator),
+                self.grids,
+            )
+            for k in range(self.partition.num_experts)
+        ]
+        omegas, solved = solve_experts(self._executor(), params)
+        return self.constraint.assembled_fields(derivs, omegas, self.partition), solved
+
     def step(
         self,
         initial: torch.Tensor,
@@ -78,21 +109,16 @@ class PDESurrogate(nn.Module):
         points: int | None = None,
     ) -> tuple[torch.Tensor, Solved | None]:
         """initial (B, *space) -> u (B, *grid) and the experts' record (None for sc)."""
-        if self.kind == "sc":
-            return self.network(initial, self.grids), None
-        basis = self.network(initial, self.grids).to(torch.float64)  # (B, N, *grid)
-        derivs = self.constraint.derivatives(basis, self.grids)
-        m = points or self.collocation_points
-        params = []
-        for k in range(self.partition.num_experts):
-            where = self.partition.sample(k, m, generator)
-            params.append(
-                self.constraint.expert_params(
-                    derivs, initial.to(torch.float64), self.partition, k, where, self.grids
-                )
-            )
-        omegas, solved = solve_experts(self._executor(), params)
-        return assemble(basis, omegas, self.partition), solved
+        fields, solved = self.fields(initial, generator, points)
+        return fields[self.constraint.value_key], solved
+
+    def loss(
+        self, initial: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Solved | None]:
+        """The physics-only training loss -> (loss, u, experts' record)."""
+        fields, solved = self.fields(initial, generator)
+        loss = self.constraint.fields_loss(fields, initial.to(torch.float64))
+        return loss, fields[self.constraint.value_key], solved
 
     def forward(self, initial: torch.Tensor) -> torch.Tensor:
         """Inference: every point of each sub-domain is a collocation point."""
@@ -104,3 +130,16 @@ class PDESurrogate(nn.Module):
         state = self.__dict__.copy()
         state["executor"] = None
         return state
+
+
+def unit_rms(basis: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
+    """Scale each basis function of each sample to unit RMS over the grid.
+
+    The ridge term of the experts' problems (ridge·ω) is not scale-invariant: a network can
+    shrink its basis until the ridge outweighs the data rows, so that ω -> 0 and u = b·ω -> 0,
+    which satisfies diffusion–sorption's PDE exactly and trades the boundary residual for it.
+    With unit-RMS functions that direction does not exist. (B, N, *grid) -> same.
+    """
+    dims = tuple(range(2, basis.dim()))
+    scale = basis.pow(2).mean(dim=dims, keepdim=True).sqrt().clamp_min(floor)
+    return basis / scale

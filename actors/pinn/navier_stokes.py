@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from actors.pinn.model import assemble
 from actors.pinn.partition import Partition
 from actors.pinn.rows import check_points, gather_rows, rms
 from actors.pinn.stencils import first_derivative, grid_spacing, grid_values, periodic_symbols
@@ -75,6 +76,7 @@ class NavierStokesConstraint:
 
     name: ClassVar[str] = "navier-stokes"
     field: ClassVar[str] = "vorticity"
+    value_key: ClassVar[str] = "w"  # the solution itself among `derivatives`' fields
     axes: ClassVar[tuple[str, ...]] = ("t", "x", "y")
     periodic: ClassVar[tuple[bool, ...]] = (False, True, True)
     dims: ClassVar[int] = 3
@@ -168,12 +170,26 @@ class NavierStokesConstraint:
         return self.pde_residual(self.derivatives(w[:, None], grids))[:, 0]
 
     def physics_loss(self, w: Tensor, initial: Tensor, grids) -> Tensor:
-        """Mean over the batch of RMS(PDE residual) + RMS(w(0) - w0)."""
+        """Mean over the batch of RMS(PDE residual) + RMS(w(0) - w0), with the derivatives
+        of w itself (PI-SC, and any w on the grid)."""
         if not isinstance(w, Tensor) or w.ndim != 4:
             raise ValueError("w must be a (B, nt, nx, ny) tensor")
+        d = self.derivatives(w[:, None], grids)
+        return self.fields_loss({k: v[:, 0] for k, v in d.items()}, initial)
+
+    def assembled_fields(
+        self, derivs: dict[str, Tensor], omegas: list[Tensor], partition: Partition
+    ) -> dict[str, Tensor]:
+        """Every field as b·ω_k inside each sub-domain: the spectral derivatives of the
+        basis, not of the assembled w, whose jumps between experts would ring globally."""
+        return {k: assemble(v, omegas, partition) for k, v in derivs.items()}
+
+    def fields_loss(self, fields: dict[str, Tensor], initial: Tensor) -> Tensor:
+        """The loss from w's fields (each (B, nt, nx, ny))."""
+        w = fields["w"]
         if not isinstance(initial, Tensor) or tuple(initial.shape) != (w.shape[0], *w.shape[2:]):
             raise ValueError(f"initial must be {(w.shape[0], *w.shape[2:])} to match w")
-        pde = self.residual_field(w, grids)  # (B, nt, nx, ny)
+        pde = self.pde_residual(fields)  # (B, nt, nx, ny)
         initial_r = w[:, 0] - initial.to(w.dtype)  # (B, nx, ny)
         return (rms(pde, (1, 2, 3)) + rms(initial_r, (1, 2))).mean()
 
