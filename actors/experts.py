@@ -44,6 +44,7 @@ class InProcessExperts:
     config: ExpertConfig
     num_experts: int
     restarts: int = 0
+    last_vjp_seconds: float = 0.0  # wall time of the latest backward through the experts
     solvers: list[ExpertSolver] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -60,10 +61,12 @@ class InProcessExperts:
         )
 
     def vjp(self, token: list[Params], omegas, omega_bars) -> list[tuple[torch.Tensor, ...]]:
+        t0 = time.perf_counter()
         out = [
             s.vjp(p, w, wb)
             for s, p, w, wb in zip(self.solvers, token, omegas, omega_bars, strict=True)
         ]
+        self.last_vjp_seconds = time.perf_counter() - t0
         return [o["grads"] for o in out]
 
     def placement(self) -> list[dict[str, Any]]:
@@ -128,6 +131,7 @@ class RayExperts:
         ]
         self.incarnations = [w["incarnation"] for w in self.placement()]
         self.restarts = 0
+        self.last_vjp_seconds = 0.0
 
     def _note(self, results: list[dict[str, Any]]) -> None:
         for k, r in enumerate(results):
@@ -152,12 +156,14 @@ class RayExperts:
     def vjp(self, token, omegas, omega_bars) -> list[tuple[torch.Tensor, ...]]:
         import ray
 
+        t0 = time.perf_counter()
         calls = [
             a.vjp.remote(ref, w, wb)
             for a, ref, w, wb in zip(self.actors, token, omegas, omega_bars, strict=True)
         ]
         results = ray.get(calls)
         self._note(results)
+        self.last_vjp_seconds = time.perf_counter() - t0
         return [r["grads"] for r in results]
 
     def placement(self) -> list[dict[str, Any]]:

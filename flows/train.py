@@ -17,6 +17,7 @@ run.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -409,7 +410,7 @@ def _loop(spec, model, optimizer, schedule, train_data, done, run, checkpoint, p
         done["step"] = step + 1
         seconds = time.perf_counter() - t0
         metrics = {
-            "loss": float(loss),
+            "loss": float(loss.detach()),
             "grad_norm": float(norm),
             "step_seconds": seconds,
             "lr": schedule.get_last_lr()[0],
@@ -432,11 +433,12 @@ def _loop(spec, model, optimizer, schedule, train_data, done, run, checkpoint, p
 def _expert_metrics(solved, step_seconds: float, executor) -> dict[str, float]:
     d = solved.diagnostics
     n = max(len(d), 1)
+    experts = solved.seconds + getattr(executor, "last_vjp_seconds", 0.0)  # solve + backward
     return {
         "lm_iterations": sum(x.get("iterations_mean", 0.0) for x in d) / n,
         "converged_share": sum(x.get("converged_fraction", 0.0) for x in d) / n,
-        "expert_seconds": solved.seconds,
-        "other_seconds": max(step_seconds - solved.seconds, 0.0),
+        "expert_seconds": experts,
+        "other_seconds": max(step_seconds - experts, 0.0),
         "expert_restarts": float(getattr(executor, "restarts", 0)),
     }
 
@@ -453,6 +455,8 @@ def _log_model(run, model, problem: Problem, spec: TrainSpec) -> tuple[str | Non
         output = model(initial).cpu().numpy()
     signature = infer_signature(initial.numpy(), output)
     name = spec.register_as or spec.name
+    # Pickle is chosen on purpose (see below); MLflow's warning about it is noise here.
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     info = mlflow.pytorch.log_model(
         model,
         name="model",
