@@ -39,6 +39,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.preprocess --quick
+	$(BIN)/python -m benchmarks.moe --quick
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.physflow/mlflow.db \
