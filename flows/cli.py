@@ -88,8 +88,11 @@ def _main(
     ] = False,
 ) -> None:
     import logging
+    import os
 
     # Library chatter (database migrations, connection retries) is not for the terminal.
+    # MLflow sets its own level when imported, from this variable.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in ("mlflow", "alembic", "botocore", "s3fs", "distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
