@@ -32,7 +32,7 @@ from actors.pinn import (
     diffusion_sorption_residual,
     expert_problems,
     navier_stokes_residual,
-    solve_experts,
+    solve_in_process,
 )
 from actors.pinn.stencils import first_derivative, lagrange_weights, second_derivative, trace
 
@@ -673,7 +673,7 @@ def test_solve_experts_recovers_an_exact_ds_solution(splits, basis_kind, toleran
         unused = [np.cos(3 * x) * tau, x * x + 0 * t, np.sin(2 * np.pi * x) * tau**2]
         unused.append(np.exp(-x) * np.cos(np.pi * tau))
         basis = torch.stack([torch.tensor(np.stack([u.numpy(), *unused])) for u in truth])
-    u, diagnostics = solve_experts(
+    u, diagnostics = solve_in_process(
         c, basis, truth[:, 0], grids, Partition((nt, nx), splits), 200,
         torch.Generator().manual_seed(0), constraint_pkg.LMOptions(),
     )  # fmt: skip
@@ -702,7 +702,7 @@ def test_solve_experts_recovers_an_exact_ns_solution():
     basis = torch.tensor(np.stack([decay * parts[0], decay * parts[1], distractor]))[None]
     truth = torch.tensor(decay * (parts[0] + 0.5 * parts[1]))[None]
     options = constraint_pkg.LMOptions()
-    u, diagnostics = solve_experts(
+    u, diagnostics = solve_in_process(
         c, basis, truth[:, 0], grids, Partition((nt, n, n), (1, 2, 2)), 150,
         torch.Generator().manual_seed(0), options,
     )  # fmt: skip
@@ -729,7 +729,7 @@ def test_solve_experts_gradient_wrt_the_basis_matches_finite_differences(pde):
     options = constraint_pkg.LMOptions(max_iterations=200, tolerance=1e-13)
 
     def loss(b: torch.Tensor) -> torch.Tensor:  # every point is a collocation point
-        u, _ = solve_experts(c, b, initial, grids, partition, 10**6, None, options)
+        u, _ = solve_in_process(c, b, initial, grids, partition, 10**6, None, options)
         return (u * weights).sum()
 
     loss(basis).backward()

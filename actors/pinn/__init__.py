@@ -7,13 +7,13 @@
   (`pde`, `diffusion_sorption`, `navier_stokes`; stencils in `stencils`, shared row
   gathering in `rows`).
 * `BasisNetwork`, `SoftConstrained`, `assemble` - the networks and u = b . omega_k
-  (`model`); `expert_problems`, `solve_experts` - the experts' problems, and an
-  in-process solve for tests and quick use (`experts`).
+  (`model`); `expert_problems`, `solve_in_process` - the experts' problems, and an
+  in-process solve for tests and quick use (`in_process`; the Ray path is `actors.experts`).
 """
 
 from actors.pinn.diffusion_sorption import DiffusionSorptionConstraint, diffusion_sorption_residual
-from actors.pinn.experts import expert_problems, solve_experts
 from actors.pinn.fno import FNO, SpectralConv
+from actors.pinn.in_process import expert_problems, solve_in_process
 from actors.pinn.model import BasisNetwork, SoftConstrained, assemble
 from actors.pinn.navier_stokes import NavierStokesConstraint, navier_stokes_residual
 from actors.pinn.partition import Partition
@@ -34,5 +34,5 @@ __all__ = [
     "diffusion_sorption_residual",
     "expert_problems",
     "navier_stokes_residual",
-    "solve_experts",
+    "solve_in_process",
 ]

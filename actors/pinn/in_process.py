@@ -5,7 +5,7 @@ differentiate the basis once on the global grid, draw each expert's collocation 
 and cut out each expert's parameter tuple. What runs the solves (in-process, Ray actors)
 only needs those tuples (detached) and `constraint.residual_fn`.
 
-`solve_experts` does the rest in-process with `actors.constraint.solve` and assembles u.
+`solve_in_process` does the rest in-process with `actors.constraint.solve` and assembles u.
 When the basis requires grad, the tuples keep their graph, the solver differentiates
 omega implicitly (the implicit function theorem at the solution), and u is differentiable
 w.r.t. the basis both directly (u = b . omega) and through omega.
@@ -44,7 +44,7 @@ def expert_problems(
     ]
 
 
-def solve_experts(
+def solve_in_process(
     constraint: Any,
     basis: Tensor,
     initial: Tensor,
