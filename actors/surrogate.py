@@ -7,7 +7,6 @@ run wherever `executor` says (Ray actors during training, this process by defaul
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
@@ -121,8 +120,10 @@ class PDESurrogate(nn.Module):
         return loss, fields[self.constraint.value_key], solved
 
     def forward(self, initial: torch.Tensor) -> torch.Tensor:
-        """Inference: every point of each sub-domain is a collocation point."""
-        u, _ = self.step(initial, points=sys.maxsize)
+        """Inference: as many collocation points per expert as in training, drawn with a
+        fixed seed — deterministic, and bounded in memory (every point of a 64³ Navier–Stokes
+        grid would need gigabytes of rows per sample)."""
+        u, _ = self.step(initial, torch.Generator().manual_seed(0))
         return u
 
     def __getstate__(self) -> dict[str, Any]:
