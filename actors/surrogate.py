@@ -15,7 +15,13 @@ from torch import nn
 from actors.constraint import LMOptions
 from actors.expert import ExpertConfig
 from actors.experts import InProcessExperts, Solved, solve_experts
-from actors.pinn import BasisNetwork, Partition, SoftConstrained, constraint_for
+from actors.pinn import (
+    BasisNetwork,
+    Partition,
+    SoftConstrained,
+    constraint_for,
+    expert_problems,
+)
 
 
 class PDESurrogate(nn.Module):
@@ -85,19 +91,16 @@ class PDESurrogate(nn.Module):
         basis = self.network(initial, self.grids).to(torch.float64)  # (B, N, *grid)
         basis = unit_rms(basis)
         derivs = self.constraint.derivatives(basis, self.grids)
-        m = points or self.collocation_points
-        initial64 = initial.to(torch.float64)
-        params = [
-            self.constraint.expert_params(
-                derivs,
-                initial64,
-                self.partition,
-                k,
-                self.partition.sample(k, m, generator),
-                self.grids,
-            )
-            for k in range(self.partition.num_experts)
-        ]
+        params = expert_problems(
+            self.constraint,
+            basis,
+            initial.to(torch.float64),
+            self.grids,
+            self.partition,
+            points or self.collocation_points,
+            generator,
+            derivs=derivs,
+        )
         omegas, solved = solve_experts(self._executor(), params)
         return self.constraint.assembled_fields(derivs, omegas, self.partition), solved
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from actors.pde.diffusion_sorption import DiffusionSorption as _DS  # PDEBench's values
 from flows.errors import JobFailure, UserError
 from flows.spec import Spec, register_tags
 
@@ -115,11 +116,11 @@ class DiffusionSorptionSimulation(Spec):
     nx: int = Field(1024, ge=8, le=16384, description="finite-volume cells on (0, 1)")
     nt: int = Field(101, ge=2, le=10001, description="output times on [0, t_end]")
     t_end: float = Field(500.0, gt=0)
-    diffusivity: float = Field(5e-4, gt=0)
-    porosity: float = Field(0.29, gt=0, lt=1)
-    bulk_density: float = Field(2880.0, ge=0)
-    freundlich_k: float = Field(3.5e-4, ge=0)
-    freundlich_exponent: float = Field(0.874, gt=0)
+    diffusivity: float = Field(_DS.diffusivity, gt=0)
+    porosity: float = Field(_DS.porosity, gt=0, lt=1)
+    bulk_density: float = Field(_DS.bulk_density, ge=0)
+    freundlich_k: float = Field(_DS.freundlich_k, ge=0)
+    freundlich_exponent: float = Field(_DS.freundlich_exponent, gt=0)
     initial_low: float = Field(0.0, ge=0)
     initial_high: float = Field(0.2, gt=0)
     initial_condition: Literal["constant", "per-cell"] = Field(

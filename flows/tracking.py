@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -200,15 +199,6 @@ def list_runs(experiment: str, max_results: int = 20) -> list[RunRow]:
             )
         )
     return rows
-
-
-def download_artifact(run_id: str, path: str) -> Path:
-    import mlflow
-
-    _client()
-    out = tempfile.mkdtemp(prefix="physflow-")
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=out)
-    return Path(local)
 
 
 def _param_text(value: Any) -> str:

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from actors.pde.diffusion_sorption import DiffusionSorption
 from actors.pinn.model import assemble
 from actors.pinn.partition import Partition
 from actors.pinn.rows import check_points, gather_rows, rms
@@ -90,11 +91,12 @@ def diffusion_sorption_residual(omega: Tensor, params: tuple[Tensor, ...]) -> Te
 class DiffusionSorptionConstraint:
     """Physical parameters (PDEBench defaults), the time scale and the experts' ridge."""
 
-    diffusivity: float = 5e-4  # D
-    porosity: float = 0.29  # phi
-    bulk_density: float = 2880.0  # rho_s
-    freundlich_k: float = 3.5e-4  # k
-    freundlich_exponent: float = 0.874  # n_f
+    # The physical defaults are the simulator's, which hold PDEBench's values.
+    diffusivity: float = DiffusionSorption.diffusivity  # D
+    porosity: float = DiffusionSorption.porosity  # phi
+    bulk_density: float = DiffusionSorption.bulk_density  # rho_s
+    freundlich_k: float = DiffusionSorption.freundlich_k  # k
+    freundlich_exponent: float = DiffusionSorption.freundlich_exponent  # n_f
     t_end: float = 500.0  # T: tau = t / T
     ridge: float = 1e-4
     # Time levels left out of the PDE residual (loss and expert rows): those whose time

@@ -31,11 +31,14 @@ def expert_problems(
     partition: Partition,
     m: int,
     generator: torch.Generator | None = None,
+    derivs: dict[str, Tensor] | None = None,
 ) -> list[tuple[Tensor, ...]]:
     """basis (B, N, *grid), initial (B, *space) -> per expert its params tuple (leading B),
     with m collocation points per sub-domain (shared by the batch, redrawn per call).
-    The tuples are differentiable w.r.t. the basis when it requires grad."""
-    derivs = constraint.derivatives(basis, grids)
+    The tuples are differentiable w.r.t. the basis when it requires grad. `derivs`, the
+    basis' derivatives if the caller has them already."""
+    if derivs is None:
+        derivs = constraint.derivatives(basis, grids)
     return [
         constraint.expert_params(
             derivs, initial, partition, k, partition.sample(k, m, generator), grids
