@@ -448,6 +448,11 @@ def _params(params: dict) -> str:
     )
 
 
+# Commands that live in their own modules: each exposes register(app, reports_errors, out, err).
+for _module in ("flows.pbt_cli", "flows.nas_cli", "flows.submit_cli"):
+    __import__(_module, fromlist=["register"]).register(app, reports_errors, out, err)
+
+
 def main() -> None:
     try:
         app(prog_name="physflow")
