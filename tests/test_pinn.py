@@ -17,6 +17,7 @@ import pytest
 import torch
 from scipy.optimize import brentq
 
+from actors.constraint import implicit_vjp, optimality
 from actors.pde import DiffusionSorption, gaussian_random_field
 from actors.pde import navier_stokes as ns_simulator
 from actors.pinn import (
@@ -635,6 +636,37 @@ def test_expert_problems_shapes():
     assert len(problems) == 4 and all(p[0].shape == (2, 5, 3) for p in problems)
 
 
+@pytest.mark.parametrize("pde", ["ds", "ns"])
+def test_expert_problems_gather_together_what_each_expert_would_gather_alone(pde):
+    if pde == "ds":
+        c, grids, grid, splits = DiffusionSorptionConstraint(), ds_grids(9, 12), (9, 12), (1, 4)
+        initial = torch.rand(2, 12, dtype=F64)
+    else:
+        c, grids, grid, splits = NavierStokesConstraint(), ns_grids(4, 8, 1.0), (4, 8, 8), (2, 2, 1)
+        initial = torch.randn(2, 8, 8, dtype=F64)
+    basis = random_basis(2, 3, grid, 8).requires_grad_()
+    partition = Partition(grid, splits)
+    problems = expert_problems(
+        c, basis, initial, grids, partition, 7, torch.Generator().manual_seed(1)
+    )
+    derivs = c.derivatives(basis, grids)
+    gen = torch.Generator().manual_seed(1)
+    points = [partition.sample(k, 7, gen) for k in range(partition.num_experts)]
+    alone = [c.expert_params(derivs, initial, partition, k, p, grids) for k, p in enumerate(points)]
+    for together, single in zip(problems, alone, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(together, single, strict=True))
+    # and the same gradient reaches the basis
+    weights = [torch.randn_like(t) for p in alone for t in p]
+
+    def pulled(tuples):
+        flat = [t for p in tuples for t in p]
+        total = sum((t * w).sum() for t, w in zip(flat, weights, strict=True))
+        return torch.autograd.grad(total, basis)[0]
+
+    g1, g2 = pulled(problems), pulled(alone)
+    assert torch.allclose(g1, g2, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "splits, basis_kind, tolerance",
     [
@@ -757,3 +789,32 @@ def test_expert_params_stay_differentiable_on_the_driver():
     assert all(p.requires_grad for p in params[:4])  # rows; targets and constants are data
     sum(p.sum() for p in params[:4]).backward()
     assert basis.grad is not None and basis.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "problem, k", [(ds_problem, 0), (ds_problem, 4), (ds_problem, 8), (ns_problem, 0)]
+)
+def test_closed_form_jacobian_and_curvature_match_torch_func(problem, k):
+    fn, params, omega = problem(k)
+    r, jac = fn.linearize(omega, params)
+    assert torch.allclose(r, torch.func.vmap(fn)(omega, params), rtol=1e-13, atol=1e-13)
+    expected = torch.func.vmap(torch.func.jacfwd(fn))(omega, params)
+    assert torch.allclose(jac, expected, rtol=1e-12, atol=1e-12)
+    # H = d(J^T r)/d omega = J^T J + curvature, against forward-over-reverse torch.func
+    hess = torch.func.vmap(torch.func.jacfwd(lambda w, p: optimality(fn, w, p)))(omega, params)
+    closed = jac.mT @ jac + fn.curvature(omega, params, r)
+    assert torch.allclose(closed, hess, rtol=1e-10, atol=1e-10)
+    assert fn.curvature(omega, params, r).abs().max() > 1e-8  # the term is really there
+
+
+@pytest.mark.parametrize("problem, k", [(ds_problem, 0), (ns_problem, 0)])
+def test_implicit_vjp_closed_form_equals_generic_path(problem, k):
+    fn, params, omega = problem(k)
+    omega_bar = torch.randn_like(omega)
+    closed = implicit_vjp(fn, omega, params, omega_bar)
+    generic = implicit_vjp(lambda w, p: fn(w, p), omega, params, omega_bar)  # no closed form
+    for a, b in zip(closed[:-1], generic[:-1], strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
+        assert a.abs().max() > 0
+    # the PDE's constants are not differentiated by the closed form
+    assert torch.equal(closed[-1], torch.zeros_like(params[-1]))

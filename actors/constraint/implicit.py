@@ -16,9 +16,12 @@ cotangent omega_bar the vector-Jacobian product is therefore
 
 which is what `implicit_vjp` computes, batched over problems:
 
-* H by `torch.func.jacfwd` of g (forward-over-reverse: N tangents, N <= 64), vmapped over P;
+* H in closed form (J^T J + the curvature) for a `ClosedFormResidual`, else by
+  `torch.func.jacfwd` of g (forward-over-reverse: N tangents, N <= 64), vmapped over P;
 * lambda by a direct LU solve (`torch.linalg.solve_ex`) per problem;
-* theta_bar by `torch.func.vjp` of g w.r.t. the params, with lambda as cotangent.
+* theta_bar from the residual's closed-form pullback (outer products, no autograd graph;
+  the PDE's constants get zeros), else by `torch.func.vjp` of g w.r.t. the params, with
+  lambda as cotangent.
 
 Why this instead of unrolling: memory is that of one linearisation, not of every iteration,
 and the cost does not grow with the number of iterations (`unrolled.solve_unrolled` is the
@@ -60,7 +63,7 @@ def _adjoint(residual_fn, omega, params, omega_bar, wrt) -> tuple[list, dict[str
     params = tuple(p.detach() for p in params)
     n = omega.shape[-1]
 
-    hess = vmap(jacfwd(lambda w, p: optimality(residual_fn, w, p)))(omega, params)  # (P, N, N)
+    hess = _hessian(residual_fn, omega, params)  # (P, N, N)
     finite = torch.isfinite(hess).flatten(1).all(-1)  # (P,)
     eye = torch.eye(n, dtype=hess.dtype, device=hess.device)
     safe = torch.where(finite[:, None, None], hess, eye)
@@ -78,6 +81,35 @@ def _adjoint(residual_fn, omega, params, omega_bar, wrt) -> tuple[list, dict[str
     if not index:
         return grads, stats
 
+    if getattr(residual_fn, "pullback", None) is not None:
+        pulled = _pull_closed_form(residual_fn, omega, params, lam, index)
+    else:
+        pulled = _pull_generic(residual_fn, omega, params, lam, index)
+    all_ok = bool(ok.all())  # lambda is already zero where not ok; this catches inf * 0
+    for i, gi in zip(index, pulled, strict=True):
+        mask = ok.reshape((-1,) + (1,) * (gi.dim() - 1))
+        grads[i] = gi if all_ok else torch.where(mask, gi, torch.zeros_like(gi))
+    return grads, stats
+
+
+def _hessian(residual_fn, omega: Tensor, params: tuple[Tensor, ...]) -> Tensor:
+    """H = dg/domega (P, N, N): J^T J + curvature in closed form, or jacfwd of g."""
+    if getattr(residual_fn, "curvature", None) is not None:
+        r, jac = residual_fn.linearize(omega, params)
+        return jac.mT @ jac + residual_fn.curvature(omega, params, r)
+    return vmap(jacfwd(lambda w, p: optimality(residual_fn, w, p)))(omega, params)
+
+
+def _pull_closed_form(residual_fn, omega, params, lam, index) -> list[Tensor]:
+    """(dg/dtheta)^T lambda for the flagged params from the residual's closed form;
+    zeros for the params it does not differentiate."""
+    pulled = residual_fn.pullback(omega, params, lam)
+    return [torch.zeros_like(params[i]) if pulled[i] is None else pulled[i] for i in index]
+
+
+def _pull_generic(residual_fn, omega, params, lam, index) -> tuple[Tensor, ...]:
+    """(dg/dtheta)^T lambda by torch.func.vjp of `optimality`, vmapped over problems."""
+
     def pull(w, p, lam_p):
         def g_of(*sub):
             full = list(p)
@@ -88,11 +120,7 @@ def _adjoint(residual_fn, omega, params, omega_bar, wrt) -> tuple[list, dict[str
         _, pullback = vjp(g_of, *(p[i] for i in index))
         return pullback(lam_p)
 
-    pulled = vmap(pull)(omega, params, lam)
-    for i, gi in zip(index, pulled, strict=True):
-        mask = ok.reshape((-1,) + (1,) * (gi.dim() - 1))
-        grads[i] = torch.where(mask, gi, torch.zeros_like(gi))
-    return grads, stats
+    return vmap(pull)(omega, params, lam)
 
 
 def implicit_vjp(

@@ -29,10 +29,11 @@ counts, the non-finite check and the result codes. The pieces of a step are kept
   a problem with a residual left at its minimum cannot push the gradient test below about
   sqrt(eps), since no decrease of f can be verified there.
 
-J comes from `torch.func.jacfwd` (N forward-mode tangents, cheaper than M reverse passes),
-vmapped over problems, together with r in the same pass; J^T J and J^T r are batched matmuls,
-so nothing larger than (P, M, N) is materialised. Only J^T J, J^T r and f = 1/2 ||r||^2 are
-kept between steps.
+J comes from the residual's closed form when it has one (`residual.ClosedFormResidual`: the
+PDE residuals do, at O(M N) a problem), otherwise from `torch.func.jacfwd` (N forward-mode
+tangents, cheaper than M reverse passes), vmapped over problems, together with r in the same
+pass; J^T J and J^T r are batched matmuls, so nothing larger than (P, M, N) is materialised.
+Only J^T J, J^T r and f = 1/2 ||r||^2 are kept between steps.
 
 Convergence rule (per problem, `tol` = `LMOptions.tolerance`); a problem converges when
 either holds:
@@ -88,14 +89,24 @@ class LMState(NamedTuple):
     singular: Tensor  # (P,) bool: the last damped system could not be solved
 
 
-def evaluate(residual_fn: ResidualFn, omega: Tensor, params: tuple[Tensor, ...]):
-    """f = 1/2 ||r||^2 (P,), J^T r (P, N), J^T J (P, N, N) from one vmapped jacfwd pass."""
+def linearize(residual_fn: ResidualFn, omega: Tensor, params: tuple[Tensor, ...]):
+    """(r (P, M), J (P, M, N)): the residual's closed form if it has one
+    (`ClosedFormResidual`), else one vmapped jacfwd pass."""
+    closed_form = getattr(residual_fn, "linearize", None)
+    if closed_form is not None:
+        return closed_form(omega, params)
 
     def with_value(w, p):
         r = residual_fn(w, p)
         return r, r
 
     jac, r = vmap(jacfwd(with_value, has_aux=True))(omega, params)  # (P, M, N), (P, M)
+    return r, jac
+
+
+def evaluate(residual_fn: ResidualFn, omega: Tensor, params: tuple[Tensor, ...]):
+    """f = 1/2 ||r||^2 (P,), J^T r (P, N), J^T J (P, N, N) from one linearisation."""
+    r, jac = linearize(residual_fn, omega, params)
     if r.dim() != 2:
         raise ValueError(
             f"residual_fn: must return a 1-D residual (M,) per problem, got shape "

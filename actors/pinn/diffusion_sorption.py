@@ -34,7 +34,8 @@ Expert k's residual r(omega) (one sample; `diffusion_sorption_residual`) stacks:
 
 The boundary rows skip t = 0: the data's initial condition (u0 ~ U(0, 0.2)) does not
 satisfy u(0) = 1, and the initial rows already pin that time level. The rows are not
-weighted against each other.
+weighted against each other (weighting each group by 1 / sqrt(its count), as the loss
+balances RMS terms, made PI-HC and PI-HC-MoE less accurate in the quick benchmark).
 
 Physics loss (all three variants): per sample the root-mean-square of the PDE residual
 over the full grid plus the RMS of the initial, inlet and outflow residuals; mean over
@@ -55,6 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from actors.constraint.residual import ClosedFormResidual, outer_rows, quadratic_form
 from actors.pde.diffusion_sorption import DiffusionSorption
 from actors.pinn.model import assemble
 from actors.pinn.partition import Partition
@@ -72,7 +74,7 @@ INLET_CONCENTRATION = 1.0  # u(0, t)
 SINGULARITY_GUARD = 1e-6  # R(u) is evaluated at max(u, this)
 
 
-def diffusion_sorption_residual(omega: Tensor, params: tuple[Tensor, ...]) -> Tensor:
+def _residual(omega: Tensor, params: tuple[Tensor, ...]) -> Tensor:
     """One expert's residual for ONE sample: omega (N,) -> r (M,), M = m + n_lin + N.
 
     params = (u_rows (m, N), tau_rows (m, N), xx_rows (m, N), lin_rows (n_lin, N),
@@ -85,6 +87,86 @@ def diffusion_sorption_residual(omega: Tensor, params: tuple[Tensor, ...]) -> Te
     retardation = 1.0 + sorption * torch.maximum(u, guard) ** exponent
     pde = retardation * (tau_rows @ omega) - diffusion * (xx_rows @ omega)  # (m,)
     return torch.cat([pde, lin_rows @ omega - lin_target, ridge * omega])
+
+
+def _retardation_terms(omega: Tensor, params: tuple[Tensor, ...]):
+    """Batched u, u_tau, R(u), R'(u), R''(u) at the PDE rows (P, m) each, and constants.
+
+    Below the guard R is constant (u is clamped), so both derivatives vanish there."""
+    u_rows, tau_rows, _, _, _, constants = params
+    sorption, exponent, diffusion, ridge, guard = (c[:, None] for c in constants.unbind(-1))
+    w = omega.unsqueeze(-1)
+    u = (u_rows @ w).squeeze(-1)
+    u_tau = (tau_rows @ w).squeeze(-1)
+    above = u > guard
+    clamped = torch.maximum(u, guard)
+    power = clamped**exponent
+    retardation = 1.0 + sorption * power
+    slope = torch.where(above, sorption * exponent * power / clamped, 0.0)
+    bend = torch.where(above, sorption * exponent * (exponent - 1.0) * power / clamped**2, 0.0)
+    return u_tau, retardation, slope, bend, diffusion, ridge
+
+
+def _linearize(omega: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """Batched (r (P, M), J (P, M, N)) in closed form:
+    J_pde = R(u) T + R'(u) u_tau U - T D X, then the linear rows and ridge * I."""
+    u_rows, tau_rows, xx_rows, lin_rows, lin_target, _ = params
+    u_tau, retardation, slope, _, diffusion, ridge = _retardation_terms(omega, params)
+    w = omega.unsqueeze(-1)
+    pde = retardation * u_tau - diffusion * (xx_rows @ w).squeeze(-1)
+    jac_pde = (
+        retardation.unsqueeze(-1) * tau_rows
+        + (slope * u_tau).unsqueeze(-1) * u_rows
+        - diffusion.unsqueeze(-1) * xx_rows
+    )
+    n = omega.shape[-1]
+    eye = torch.eye(n, dtype=omega.dtype, device=omega.device)
+    r = torch.cat([pde, (lin_rows @ w).squeeze(-1) - lin_target, ridge * omega], dim=-1)
+    jac = torch.cat([jac_pde, lin_rows, ridge.unsqueeze(-1) * eye], dim=-2)
+    return r, jac
+
+
+def _curvature(omega: Tensor, params: tuple[Tensor, ...], r: Tensor) -> Tensor:
+    """sum_i r_i Hess(r_i) = U^T diag(r R'' u_tau) U + U^T diag(r R') T + T^T diag(r R') U
+    (only the PDE rows are nonlinear)."""
+    u_rows, tau_rows = params[0], params[1]
+    u_tau, _, slope, bend, _, _ = _retardation_terms(omega, params)
+    r_pde = r[:, : u_rows.shape[1]]
+    mixed = quadratic_form(u_rows, r_pde * slope, tau_rows)
+    return quadratic_form(u_rows, r_pde * bend * u_tau, u_rows) + mixed + mixed.mT
+
+
+def _pullback(omega: Tensor, params: tuple[Tensor, ...], lam: Tensor):
+    """Cotangents of g = J^T r along lam, F = sum_i r_i s_i with s = J lam; per PDE row
+    (a, b, c = U lam, T lam, X lam; r = R u_tau - T D u_xx):
+
+        dF/dX = -TD (s omega + r lam)
+        dF/dT = (s R + r R' a) omega + r R lam
+        dF/dU = (s R' u_tau + r (R' b + R'' u_tau a)) omega + r R' u_tau lam
+
+    and dF/dL = s omega + r lam, dF/dtarget = -s for the linear rows."""
+    u_rows, tau_rows, xx_rows, lin_rows, lin_target, _ = params
+    u_tau, retardation, slope, bend, diffusion, _ = _retardation_terms(omega, params)
+    w, v = omega.unsqueeze(-1), lam.unsqueeze(-1)
+    a, b, c = ((rows @ v).squeeze(-1) for rows in (u_rows, tau_rows, xx_rows))
+    r = retardation * u_tau - diffusion * (xx_rows @ w).squeeze(-1)
+    s = retardation * b + slope * u_tau * a - diffusion * c
+    r_lin = (lin_rows @ w).squeeze(-1) - lin_target
+    s_lin = (lin_rows @ v).squeeze(-1)
+    return (
+        outer_rows(s * slope * u_tau + r * (slope * b + bend * u_tau * a), omega,
+                   r * slope * u_tau, lam),
+        outer_rows(s * retardation + r * slope * a, omega, r * retardation, lam),
+        outer_rows(-diffusion * s, omega, -diffusion * r, lam),
+        outer_rows(s_lin, omega, r_lin, lam),
+        -s_lin,
+        None,
+    )  # fmt: skip
+
+
+diffusion_sorption_residual = ClosedFormResidual(
+    "diffusion_sorption_residual", _residual, _linearize, _curvature, _pullback
+)
 
 
 @dataclass(frozen=True)
@@ -112,7 +194,8 @@ class DiffusionSorptionConstraint:
     periodic: ClassVar[tuple[bool, ...]] = (False, False)
     dims: ClassVar[int] = 2
     in_channels: ClassVar[int] = 3  # tau, x, u0
-    residual_fn = staticmethod(diffusion_sorption_residual)
+    residual_fn = diffusion_sorption_residual
+    row_keys: ClassVar[tuple[str, ...]] = ("u", "u_tau", "u_xx")
 
     def __post_init__(self) -> None:
         for name in ("diffusivity", "freundlich_exponent", "t_end"):
@@ -274,6 +357,7 @@ class DiffusionSorptionConstraint:
         k: int,
         points: Tensor,
         grids=None,
+        rows=None,
     ) -> tuple[Tensor, ...]:
         """Expert k's problem data for each sample (leading dim B):
         (u_rows (B, m, N), tau_rows (B, m, N), xx_rows (B, m, N), lin_rows (B, n_lin, N),
@@ -291,7 +375,9 @@ class DiffusionSorptionConstraint:
         points = check_points(points, batch, nt * nx).to(basis.device)
         st, sx = partition.slices(k)
         dtype = basis.dtype
-        rows = [gather_rows(derivs[key], points) for key in ("u", "u_tau", "u_xx")]
+        if rows is None:
+            rows = {key: gather_rows(derivs[key], points) for key in self.row_keys}
+        rows = [rows[key] for key in self.row_keys]
         if self.settling_levels:
             settled = (points // nx >= self.settling_levels).to(dtype)[..., None]  # (B?, m, 1)
             rows = [r * settled for r in rows]  # zero rows: no say in the solve

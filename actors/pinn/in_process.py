@@ -21,6 +21,7 @@ from torch import Tensor
 
 from actors.pinn.model import assemble
 from actors.pinn.partition import Partition
+from actors.pinn.rows import gather_rows
 
 
 def expert_problems(
@@ -36,12 +37,22 @@ def expert_problems(
     """basis (B, N, *grid), initial (B, *space) -> per expert its params tuple (leading B),
     with m collocation points per sub-domain (shared by the batch, redrawn per call).
     The tuples are differentiable w.r.t. the basis when it requires grad. `derivs`, the
-    basis' derivatives if the caller has them already."""
+    basis' derivatives if the caller has them already.
+
+    The rows of all experts are gathered together, one gather per field: the backward
+    then scatters into each field once, instead of once per expert into a zero-filled
+    copy of the whole grid that autograd then sums."""
     if derivs is None:
         derivs = constraint.derivatives(basis, grids)
+    points = [partition.sample(k, m, generator) for k in range(partition.num_experts)]
+    sizes = [p.shape[-1] for p in points]
+    together = torch.cat(points, dim=-1)
+    split = {
+        key: gather_rows(derivs[key], together).split(sizes, dim=1) for key in constraint.row_keys
+    }
     return [
         constraint.expert_params(
-            derivs, initial, partition, k, partition.sample(k, m, generator), grids
+            derivs, initial, partition, k, points[k], grids, {key: split[key][k] for key in split}
         )
         for k in range(partition.num_experts)
     ]

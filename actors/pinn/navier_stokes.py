@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from actors.constraint.residual import ClosedFormResidual, outer_rows, quadratic_form
 from actors.pinn.model import assemble
 from actors.pinn.partition import Partition
 from actors.pinn.rows import check_points, gather_rows, rms
@@ -52,7 +53,7 @@ from actors.pinn.stencils import first_derivative, grid_spacing, grid_values, pe
 _ROW_KEYS = ("w_t", "w_x", "w_y", "lap", "u", "v")
 
 
-def navier_stokes_residual(omega: Tensor, params: tuple[Tensor, ...]) -> Tensor:
+def _residual(omega: Tensor, params: tuple[Tensor, ...]) -> Tensor:
     """One expert's residual for ONE sample: omega (N,) -> r (M,), M = m + n_ic + N.
 
     params = (wt_rows, wx_rows, wy_rows, lap_rows, u_rows, v_rows (m, N) each,
@@ -64,6 +65,74 @@ def navier_stokes_residual(omega: Tensor, params: tuple[Tensor, ...]) -> Tensor:
     pde = (wt @ omega) + (u @ omega) * (wx @ omega) + (v @ omega) * (wy @ omega)
     pde = pde - viscosity * (lap @ omega)  # (m,)
     return torch.cat([pde, ic_rows @ omega - ic_target, ridge * omega])
+
+
+def _linearize(omega: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """Batched (r (P, M), J (P, M, N)) in closed form: the product rule on the two bilinear
+    terms, J_pde = W_t + (W_x w) U + (U w) W_x + (W_y w) V + (V w) W_y - nu L."""
+    wt, wx, wy, lap, u, v, ic_rows, ic_target, constants = params
+    viscosity, ridge = (c[:, None] for c in constants.unbind(-1))
+    w = omega.unsqueeze(-1)
+    w_t, w_x, w_y, w_lap, w_u, w_v = ((rows @ w).squeeze(-1) for rows in (wt, wx, wy, lap, u, v))
+    pde = w_t + w_u * w_x + w_v * w_y - viscosity * w_lap
+    jac_pde = (
+        wt
+        + w_x.unsqueeze(-1) * u
+        + w_u.unsqueeze(-1) * wx
+        + w_y.unsqueeze(-1) * v
+        + w_v.unsqueeze(-1) * wy
+        - viscosity.unsqueeze(-1) * lap
+    )
+    n = omega.shape[-1]
+    eye = torch.eye(n, dtype=omega.dtype, device=omega.device)
+    r = torch.cat([pde, (ic_rows @ w).squeeze(-1) - ic_target, ridge * omega], dim=-1)
+    jac = torch.cat([jac_pde, ic_rows, ridge.unsqueeze(-1) * eye], dim=-2)
+    return r, jac
+
+
+def _curvature(omega: Tensor, params: tuple[Tensor, ...], r: Tensor) -> Tensor:
+    """sum_i r_i Hess(r_i) = S + S^T with S = U^T diag(r) W_x + V^T diag(r) W_y."""
+    _, wx, wy, _, u, v = params[:6]
+    r_pde = r[:, : u.shape[1]]
+    half = quadratic_form(u, r_pde, wx) + quadratic_form(v, r_pde, wy)
+    return half + half.mT
+
+
+def _pullback(omega: Tensor, params: tuple[Tensor, ...], lam: Tensor):
+    """Cotangents of g = J^T r along lam, F = sum_i r_i s_i with s = J lam. With w_x = W_x
+    omega, l_x = W_x lam (and so on), the bilinear term (U omega)(W_x omega) gives
+
+        dF/dW_x = (s w_u + r l_u) omega + r w_u lam
+        dF/dU   = (s w_x + r l_x) omega + r w_x lam
+
+    (likewise V, W_y); dF/dW_t = s omega + r lam, dF/dL = -nu (s omega + r lam), and
+    s omega + r lam, -s for the initial rows and their target."""
+    wt, wx, wy, lap, u, v, ic_rows, ic_target, constants = params
+    viscosity = constants[:, :1]
+    w, q = omega.unsqueeze(-1), lam.unsqueeze(-1)
+    mats = (wt, wx, wy, lap, u, v)
+    w_t, w_x, w_y, w_lap, w_u, w_v = ((m @ w).squeeze(-1) for m in mats)
+    l_t, l_x, l_y, l_lap, l_u, l_v = ((m @ q).squeeze(-1) for m in mats)
+    r = w_t + w_u * w_x + w_v * w_y - viscosity * w_lap
+    s = l_t + w_x * l_u + w_u * l_x + w_y * l_v + w_v * l_y - viscosity * l_lap
+    r_ic = (ic_rows @ w).squeeze(-1) - ic_target
+    s_ic = (ic_rows @ q).squeeze(-1)
+    return (
+        outer_rows(s, omega, r, lam),
+        outer_rows(s * w_u + r * l_u, omega, r * w_u, lam),
+        outer_rows(s * w_v + r * l_v, omega, r * w_v, lam),
+        outer_rows(-viscosity * s, omega, -viscosity * r, lam),
+        outer_rows(s * w_x + r * l_x, omega, r * w_x, lam),
+        outer_rows(s * w_y + r * l_y, omega, r * w_y, lam),
+        outer_rows(s_ic, omega, r_ic, lam),
+        -s_ic,
+        None,
+    )
+
+
+navier_stokes_residual = ClosedFormResidual(
+    "navier_stokes_residual", _residual, _linearize, _curvature, _pullback
+)
 
 
 @dataclass(frozen=True)
@@ -81,7 +150,8 @@ class NavierStokesConstraint:
     periodic: ClassVar[tuple[bool, ...]] = (False, True, True)
     dims: ClassVar[int] = 3
     in_channels: ClassVar[int] = 4  # tau, x, y, w0
-    residual_fn = staticmethod(navier_stokes_residual)
+    residual_fn = navier_stokes_residual
+    row_keys: ClassVar[tuple[str, ...]] = _ROW_KEYS
 
     def __post_init__(self) -> None:
         for name in ("viscosity", "ridge"):
@@ -203,6 +273,7 @@ class NavierStokesConstraint:
         k: int,
         points: Tensor,
         grids=None,
+        rows=None,
     ) -> tuple[Tensor, ...]:
         """Expert k's problem data for each sample (leading dim B):
         (wt, wx, wy, lap, u, v rows (B, m, N) each, ic_rows (B, n_ic, N), ic_target
@@ -220,7 +291,9 @@ class NavierStokesConstraint:
         points = check_points(points, batch, nt * nx * ny).to(basis.device)
         st, sx, sy = partition.slices(k)
         dtype = basis.dtype
-        rows = [gather_rows(derivs[key], points) for key in _ROW_KEYS]
+        if rows is None:
+            rows = {key: gather_rows(derivs[key], points) for key in _ROW_KEYS}
+        rows = [rows[key] for key in _ROW_KEYS]
         if st.start == 0:
             ic = basis[:, :, 0, sx, sy].reshape(batch, n_basis, -1).transpose(1, 2)
             target = initial[:, sx, sy].reshape(batch, -1).to(basis.device, dtype)

@@ -40,6 +40,7 @@ class PDEConstraint(Protocol):
     dims: int  # len(axes)
     in_channels: int  # channels of inputs(): coordinates + the initial condition
     residual_fn: ResidualFn  # module-level pure function, picklable by reference
+    row_keys: tuple[str, ...]  # the `derivatives` fields an expert takes rows of
 
     def inputs(self, initial: Tensor, grids: Mapping[str, Any]) -> Tensor:
         """initial (B, *space) -> network input (B, in_channels, *grid)."""
@@ -57,9 +58,11 @@ class PDEConstraint(Protocol):
         k: int,
         points: Tensor,
         grids: Mapping[str, Any] | None = None,
+        rows: Mapping[str, Tensor] | None = None,
     ) -> tuple[Tensor, ...]:
         """Expert k's problem data, leading dim B, for `residual_fn` (differentiable
-        w.r.t. the basis behind `derivs`; detach to ship)."""
+        w.r.t. the basis behind `derivs`; detach to ship). `rows`: the `row_keys` fields
+        already gathered at `points` (B, m, N), when the caller gathered for all experts."""
         ...
 
     def residual_field(self, u: Tensor, grids: Mapping[str, Any]) -> Tensor:
