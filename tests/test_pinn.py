@@ -796,7 +796,8 @@ def test_expert_params_stay_differentiable_on_the_driver():
 )
 def test_closed_form_jacobian_and_curvature_match_torch_func(problem, k):
     fn, params, omega = problem(k)
-    r, jac = fn.linearize(omega, params)
+    r, blocks = fn.linearize(omega, params)
+    jac = torch.cat(blocks, dim=1)
     assert torch.allclose(r, torch.func.vmap(fn)(omega, params), rtol=1e-13, atol=1e-13)
     expected = torch.func.vmap(torch.func.jacfwd(fn))(omega, params)
     assert torch.allclose(jac, expected, rtol=1e-12, atol=1e-12)

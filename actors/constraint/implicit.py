@@ -47,6 +47,7 @@ from actors.constraint.levenberg_marquardt import (
     initial_omega,
     levenberg_marquardt,
 )
+from actors.constraint.residual import normal_terms
 from actors.constraint.solution import LMOptions, LMSolution, SolverError
 
 
@@ -95,8 +96,8 @@ def _adjoint(residual_fn, omega, params, omega_bar, wrt) -> tuple[list, dict[str
 def _hessian(residual_fn, omega: Tensor, params: tuple[Tensor, ...]) -> Tensor:
     """H = dg/domega (P, N, N): J^T J + curvature in closed form, or jacfwd of g."""
     if getattr(residual_fn, "curvature", None) is not None:
-        r, jac = residual_fn.linearize(omega, params)
-        return jac.mT @ jac + residual_fn.curvature(omega, params, r)
+        r, blocks = residual_fn.linearize(omega, params)
+        return normal_terms(r, blocks)[1] + residual_fn.curvature(omega, params, r)
     return vmap(jacfwd(lambda w, p: optimality(residual_fn, w, p)))(omega, params)
 
 

@@ -68,6 +68,7 @@ import torch
 from torch import Tensor
 from torch.func import jacfwd, vmap
 
+from actors.constraint.residual import normal_terms
 from actors.constraint.solution import RESULTS, LMOptions, LMSolution, SolverError
 
 ResidualFn = Callable[[Tensor, tuple[Tensor, ...]], Tensor]
@@ -90,8 +91,8 @@ class LMState(NamedTuple):
 
 
 def linearize(residual_fn: ResidualFn, omega: Tensor, params: tuple[Tensor, ...]):
-    """(r (P, M), J (P, M, N)): the residual's closed form if it has one
-    (`ClosedFormResidual`), else one vmapped jacfwd pass."""
+    """(r (P, M), J's row blocks): the residual's closed form if it has one
+    (`ClosedFormResidual`), else one vmapped jacfwd pass (a single block)."""
     closed_form = getattr(residual_fn, "linearize", None)
     if closed_form is not None:
         return closed_form(omega, params)
@@ -101,20 +102,19 @@ def linearize(residual_fn: ResidualFn, omega: Tensor, params: tuple[Tensor, ...]
         return r, r
 
     jac, r = vmap(jacfwd(with_value, has_aux=True))(omega, params)  # (P, M, N), (P, M)
-    return r, jac
+    return r, (jac,)
 
 
 def evaluate(residual_fn: ResidualFn, omega: Tensor, params: tuple[Tensor, ...]):
     """f = 1/2 ||r||^2 (P,), J^T r (P, N), J^T J (P, N, N) from one linearisation."""
-    r, jac = linearize(residual_fn, omega, params)
+    r, blocks = linearize(residual_fn, omega, params)
     if r.dim() != 2:
         raise ValueError(
             f"residual_fn: must return a 1-D residual (M,) per problem, got shape "
             f"{tuple(r.shape[1:])}"
         )
     f = 0.5 * (r * r).sum(-1)  # (P,)
-    grad = torch.bmm(jac.mT, r.unsqueeze(-1)).squeeze(-1)  # (P, N)
-    normal = torch.bmm(jac.mT, jac)  # (P, N, N)
+    grad, normal = normal_terms(r, blocks)  # (P, N), (P, N, N)
     return f, grad, normal
 
 

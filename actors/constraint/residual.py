@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 PerProblem = Callable[[Tensor, tuple[Tensor, ...]], Tensor]
-Linearize = Callable[[Tensor, tuple[Tensor, ...]], tuple[Tensor, Tensor]]
+Linearize = Callable[[Tensor, tuple[Tensor, ...]], tuple[Tensor, tuple[Tensor, ...]]]
 Curvature = Callable[[Tensor, tuple[Tensor, ...], Tensor], Tensor]
 Pullback = Callable[[Tensor, tuple[Tensor, ...], Tensor], tuple[Tensor | None, ...]]
 
@@ -35,7 +35,9 @@ class ClosedFormResidual:
     """r for one problem, plus batched closed forms of (r, J) and of the curvature.
 
     * `residual(omega (N,), params) -> r (M,)`: one problem, pure torch;
-    * `linearize(omega (P, N), params (leading P)) -> (r (P, M), J (P, M, N))`;
+    * `linearize(omega (P, N), params (leading P)) -> (r (P, M), J_blocks)`: J's row blocks
+      (P, M_k, N) in the order of r's rows, never concatenated (J^T J and J^T r are sums
+      over blocks, so the largest block is the only copy of its size);
     * `curvature(omega (P, N), params, r (P, M)) -> (P, N, N)`: sum_i r_i Hess(r_i);
     * `pullback(omega (P, N), params, lam (P, N)) -> per param (d(J^T r)/d param)^T lam`,
       or None for a param that is not differentiated (the PDE's constants: they come from
@@ -62,6 +64,17 @@ class ClosedFormResidual:
 
 def _module_attribute(module: str, name: str):
     return getattr(importlib.import_module(module), name)
+
+
+def normal_terms(r: Tensor, blocks: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """(J^T r (P, N), J^T J (P, N, N)) from r (P, M) and J's row blocks."""
+    sizes = [b.shape[1] for b in blocks]
+    grad, normal = None, None
+    for r_k, jac_k in zip(r.split(sizes, dim=-1), blocks, strict=True):
+        g = (jac_k.mT @ r_k.unsqueeze(-1)).squeeze(-1)
+        n = jac_k.mT @ jac_k
+        grad, normal = (g, n) if grad is None else (grad + g, normal + n)
+    return grad, normal
 
 
 def outer_rows(alpha: Tensor, omega: Tensor, beta: Tensor, lam: Tensor) -> Tensor:

@@ -107,23 +107,21 @@ def _retardation_terms(omega: Tensor, params: tuple[Tensor, ...]):
     return u_tau, retardation, slope, bend, diffusion, ridge
 
 
-def _linearize(omega: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-    """Batched (r (P, M), J (P, M, N)) in closed form:
-    J_pde = R(u) T + R'(u) u_tau U - T D X, then the linear rows and ridge * I."""
+def _linearize(omega: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Batched r (P, M) and J's row blocks in closed form:
+    J_pde = R(u) T + R'(u) u_tau U - T D X, then the linear rows and ridge * I.
+    J_pde is built in place: one (P, m, N) tensor, no temporaries of that size."""
     u_rows, tau_rows, xx_rows, lin_rows, lin_target, _ = params
     u_tau, retardation, slope, _, diffusion, ridge = _retardation_terms(omega, params)
     w = omega.unsqueeze(-1)
     pde = retardation * u_tau - diffusion * (xx_rows @ w).squeeze(-1)
-    jac_pde = (
-        retardation.unsqueeze(-1) * tau_rows
-        + (slope * u_tau).unsqueeze(-1) * u_rows
-        - diffusion.unsqueeze(-1) * xx_rows
-    )
+    jac_pde = tau_rows * retardation.unsqueeze(-1)
+    jac_pde.addcmul_(u_rows, (slope * u_tau).unsqueeze(-1))
+    jac_pde.addcmul_(xx_rows, -diffusion.unsqueeze(-1))
     n = omega.shape[-1]
     eye = torch.eye(n, dtype=omega.dtype, device=omega.device)
     r = torch.cat([pde, (lin_rows @ w).squeeze(-1) - lin_target, ridge * omega], dim=-1)
-    jac = torch.cat([jac_pde, lin_rows, ridge.unsqueeze(-1) * eye], dim=-2)
-    return r, jac
+    return r, (jac_pde, lin_rows, ridge.unsqueeze(-1) * eye)
 
 
 def _curvature(omega: Tensor, params: tuple[Tensor, ...], r: Tensor) -> Tensor:

@@ -67,27 +67,22 @@ def _residual(omega: Tensor, params: tuple[Tensor, ...]) -> Tensor:
     return torch.cat([pde, ic_rows @ omega - ic_target, ridge * omega])
 
 
-def _linearize(omega: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-    """Batched (r (P, M), J (P, M, N)) in closed form: the product rule on the two bilinear
-    terms, J_pde = W_t + (W_x w) U + (U w) W_x + (W_y w) V + (V w) W_y - nu L."""
+def _linearize(omega: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Batched r (P, M) and J's row blocks in closed form: the product rule on the two
+    bilinear terms, J_pde = W_t + (W_x w) U + (U w) W_x + (W_y w) V + (V w) W_y - nu L,
+    accumulated in place into one (P, m, N) tensor."""
     wt, wx, wy, lap, u, v, ic_rows, ic_target, constants = params
     viscosity, ridge = (c[:, None] for c in constants.unbind(-1))
     w = omega.unsqueeze(-1)
     w_t, w_x, w_y, w_lap, w_u, w_v = ((rows @ w).squeeze(-1) for rows in (wt, wx, wy, lap, u, v))
     pde = w_t + w_u * w_x + w_v * w_y - viscosity * w_lap
-    jac_pde = (
-        wt
-        + w_x.unsqueeze(-1) * u
-        + w_u.unsqueeze(-1) * wx
-        + w_y.unsqueeze(-1) * v
-        + w_v.unsqueeze(-1) * wy
-        - viscosity.unsqueeze(-1) * lap
-    )
+    jac_pde = wt.addcmul(u, w_x.unsqueeze(-1))
+    for rows, scale in ((wx, w_u), (v, w_y), (wy, w_v), (lap, -viscosity)):
+        jac_pde.addcmul_(rows, scale.unsqueeze(-1))
     n = omega.shape[-1]
     eye = torch.eye(n, dtype=omega.dtype, device=omega.device)
     r = torch.cat([pde, (ic_rows @ w).squeeze(-1) - ic_target, ridge * omega], dim=-1)
-    jac = torch.cat([jac_pde, ic_rows, ridge.unsqueeze(-1) * eye], dim=-2)
-    return r, jac
+    return r, (jac_pde, ic_rows, ridge.unsqueeze(-1) * eye)
 
 
 def _curvature(omega: Tensor, params: tuple[Tensor, ...], r: Tensor) -> Tensor:

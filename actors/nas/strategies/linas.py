@@ -1,0 +1,182 @@
+"""LINAS (PAPERS.md §3): predictors fitted on every validated sub-network steer an inner
+NSGA-II; only its final population is validated.
+
+    validate a random population
+    repeat: fit one predictor per measured objective on all validated sub-networks
+            inner NSGA-II over the predictors (population x generations cheap evaluations),
+              starting from the best validated sub-networks (lowest non-dominated ranks)
+            validate up to `batch` of its final front not validated before
+
+Starting the inner search from the validated front, rather than from random genomes, makes
+it refine around what is known to be good and lets the predictors judge the neighbours —
+cheaper to get right than a prediction anywhere in the space.
+
+Objectives the super-network counts exactly (params, MACs) are computed, not predicted: a
+regressor on one-hot features can only lose accuracy on a product of widths. After each
+batch comes back, each predictor's quality on it — sub-networks it had not seen — is recorded
+as MAPE and Kendall tau (`quality`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from actors.nas.pareto import pareto_mask
+from actors.nas.space import Config, Key, SearchSpace
+from actors.nas.strategies.base import FAILED, BatchStrategy
+from actors.nas.strategies.nsga2 import genome_problem, integer_nsga2
+from actors.nas.strategies.predictors import ObjectivePredictor, kendall_tau, mape
+
+
+class Linas(BatchStrategy):
+    def __init__(
+        self,
+        space: SearchSpace,
+        objectives: Sequence[str],
+        seed: int = 0,
+        population: int = 50,
+        batch: int = 25,
+        inner_generations: int = 50,
+        counted: Callable[[Config], dict[str, float]] | None = None,
+        counted_names: Sequence[str] = (),
+    ):
+        super().__init__(space, objectives, seed)
+        self.population = population
+        self.batch = batch
+        self.inner_generations = inner_generations
+        self.counted = counted
+        self.counted_names = [o for o in self.objectives if o in counted_names and counted]
+        self.predicted_names = [o for o in self.objectives if o not in self.counted_names]
+        self.seen: dict[Key, np.ndarray] = {}
+        self.quality: list[dict[str, float | str]] = []
+        self._predictions: dict[str, np.ndarray] = {}
+        self._refits = 0
+
+    def _propose(self) -> list[Config]:
+        if not self.seen:
+            return self._random_unseen(self.population)
+        ok = [(k, v) for k, v in self.seen.items() if v[0] < FAILED]
+        if len(ok) < 2:
+            return self._random_unseen(self.batch)
+        features = self.space.one_hot([self.space.from_key(k) for k, _ in ok])
+        values = np.array([v for _, v in ok])
+        predictors = {}
+        for name in self.predicted_names:
+            column = self.objectives.index(name)
+            predictors[name] = ObjectivePredictor(seed=self.seed).fit(features, values[:, column])
+        self._refits += 1
+        self._fitted = predictors
+        chosen = self._inner_search(predictors)
+        if not chosen:
+            chosen = self._random_unseen(self.batch)
+        self._predictions = {
+            n: p.predict(self.space.one_hot(chosen)) for n, p in predictors.items()
+        }
+        return chosen
+
+    def _advance(self, batch: list[Config], values: np.ndarray) -> None:
+        if self._predictions:
+            ok = values[:, 0] < FAILED
+            for name, predicted in self._predictions.items():
+                measured = values[ok, self.objectives.index(name)]
+                self.quality.append(
+                    {
+                        "refit": self._refits,
+                        "objective": name,
+                        "model": self._fitted[name].family_,
+                        "cv_rmse": self._fitted[name].cv_rmse_,
+                        "mape": mape(predicted[ok], measured),
+                        "kendall_tau": kendall_tau(predicted[ok], measured),
+                        "validated": len(self.seen) + len(batch),
+                    }
+                )
+            self._predictions = {}
+        for config, value in zip(batch, values, strict=True):
+            self.seen[self.space.key(config)] = value
+
+    def _objective_matrix(self, configs: list[Config], predictors) -> np.ndarray:
+        features = self.space.one_hot(configs)
+        columns = []
+        counts = [self.counted(c) for c in configs] if self.counted_names else []
+        for name in self.objectives:
+            if name in predictors:
+                columns.append(predictors[name].predict(features))
+            else:
+                columns.append(np.array([c[name] for c in counts]))
+        return np.stack(columns, axis=1)
+
+    def _inner_search(self, predictors) -> list[Config]:
+        """The inner NSGA-II's final population, best predicted fronts first, unvalidated
+        only, spread evenly along the first objective, at most `batch`."""
+        from pymoo.core.problem import Problem
+
+        space, outer = self.space, self
+
+        class Predicted(Problem):
+            def __init__(self):
+                base = genome_problem(space, len(outer.objectives))
+                super().__init__(
+                    n_var=base.n_var, n_obj=base.n_obj, xl=base.xl, xu=base.xu, vtype=int
+                )
+
+            def _evaluate(self, x, out, *args, **kwargs):
+                out["F"] = outer._objective_matrix([space.decode(v) for v in x], predictors)
+
+        from pymoo.optimize import minimize
+
+        result = minimize(
+            Predicted(),
+            integer_nsga2(self.population, self._best_genomes()),
+            ("n_gen", self.inner_generations),
+            seed=int(self.rng.integers(2**31)),
+            verbose=False,
+        )
+        configs, keys = [], set()
+        for x in result.pop.get("X"):
+            config = space.decode(x)
+            key = space.key(config)
+            if key not in self.seen and key not in keys:
+                keys.add(key)
+                configs.append(config)
+        if not configs:
+            return []
+        values = self._objective_matrix(configs, predictors)
+        ranked: list[int] = []
+        remaining = np.arange(len(configs))
+        while len(remaining) and len(ranked) < self.batch:
+            layer = remaining[pareto_mask(values[remaining])]
+            layer = layer[np.argsort(values[layer, 0], kind="stable")]
+            room = self.batch - len(ranked)
+            if len(layer) > room:  # evenly spaced along the first objective
+                layer = layer[np.unique(np.linspace(0, len(layer) - 1, room).round().astype(int))]
+            ranked.extend(int(i) for i in layer)
+            remaining = np.setdiff1d(remaining, layer)
+        return [configs[i] for i in ranked]
+
+    def _best_genomes(self) -> np.ndarray:
+        """Genomes of the validated sub-networks, by non-dominated rank, `population` of them."""
+        keys = list(self.seen)
+        values = np.array([self.seen[k] for k in keys])
+        order: list[int] = []
+        remaining = np.arange(len(keys))
+        while len(remaining) and len(order) < self.population:
+            layer = remaining[pareto_mask(values[remaining])]
+            order.extend(int(i) for i in layer)
+            remaining = np.setdiff1d(remaining, layer)
+        return np.array([self.space.encode(self.space.from_key(keys[i])) for i in order])[
+            : self.population
+        ]
+
+    def _random_unseen(self, n: int) -> list[Config]:
+        out, keys = [], set(self.seen)
+        for _ in range(100 * n):
+            if len(out) == n:
+                break
+            config = self.space.sample(self.rng)
+            key = self.space.key(config)
+            if key not in keys:
+                keys.add(key)
+                out.append(config)
+        return out
