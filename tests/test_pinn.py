@@ -99,6 +99,7 @@ def test_partition_covers_every_point_exactly_once(shape, splits):
     assert torch.equal(every, torch.arange(int(np.prod(shape))))
     for k in range(p.num_experts):
         assert torch.equal(p.index(k), p.mask(k).flatten().nonzero().flatten())
+        assert bool((p.owner[p.mask(k)] == k).all())
 
 
 @pytest.mark.parametrize("shape, splits", PARTITIONS)

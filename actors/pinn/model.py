@@ -44,12 +44,12 @@ def assemble(basis: Tensor, omegas: Sequence[Tensor], partition: Partition) -> T
         if not isinstance(omega, Tensor) or tuple(omega.shape) != (batch, n_basis):
             shape = tuple(omega.shape) if isinstance(omega, Tensor) else type(omega).__name__
             raise ValueError(f"omegas[{k}] must be ({batch}, {n_basis}), got {shape}")
-    parts = partition.split(basis)  # K x (B, N, n_k)
-    values = [
-        torch.einsum("bnp,bn->bp", part, omega.to(part.device, part.dtype))
-        for part, omega in zip(parts, omegas, strict=True)
-    ]  # K x (B, n_k)
-    return partition.merge(values)  # (B, *grid)
+    # Each point's omega, picked from the stacked (B, N, K) by its owner: one product over
+    # the whole grid. Its backward writes the basis' gradient once, where per-block slices
+    # would each zero-fill a copy of the whole grid for autograd to sum.
+    stacked = torch.stack([w.to(basis.device, basis.dtype) for w in omegas], dim=-1)
+    per_point = stacked[..., partition.owner.to(basis.device)]  # (B, N, *grid)
+    return (basis * per_point).sum(1)  # (B, *grid)
 
 
 class _FieldNetwork(nn.Module):

@@ -110,6 +110,14 @@ class Partition:
         """Position of each flat grid point in torch.cat(split(field), -1)."""
         return torch.argsort(torch.cat(self._indices))
 
+    @cached_property
+    def owner(self) -> Tensor:
+        """The expert owning each grid point -> (*grid_shape,) int64."""
+        out = torch.empty(self.num_points, dtype=torch.int64)
+        for k, idx in enumerate(self._indices):
+            out[idx] = k
+        return out.reshape(self.grid_shape)
+
     def index(self, k: int) -> Tensor:
         """Flat C-order indices of expert k's points, increasing -> (n_k,) int64."""
         return self._indices[self._check_expert(k)]
