@@ -132,6 +132,9 @@ def job_run(
         active_run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name)
     with active_run as active:
         run = JobRun(run_id=active.info.run_id, experiment=experiment)
+        submission = os.environ.get("PHYSFLOW_SUBMISSION_ID")
+        if submission:  # set by `physflow submit`: the cluster job this run belongs to
+            run.set_tags({"physflow.submission_id": submission})
         if run_id is None:
             run.set_tags({"physflow.job": experiment})
             run.log_params(flatten(spec))

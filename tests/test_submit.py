@@ -1,0 +1,185 @@
+"""`physflow submit` against a real Ray head with token authentication, a real MLflow server
+and the S3 store: the job runs there, `--follow` returns its outcome, its run and artifacts
+land in that MLflow and that store, and every mistake is one line."""
+
+from __future__ import annotations
+
+import uuid
+
+import mlflow
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from infra.services import free_port, start_ray_head
+
+runner = CliRunner()
+TOKEN = uuid.uuid4().hex
+
+SPEC = """
+name: {name}
+samples: 6
+samples_per_task: 3
+test_fraction: 0.2
+simulation: {{pde: diffusion-sorption, nx: 32, nt: 6, t_end: 50.0}}
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_head(s3, tmp_path_factory):
+    """`ray start --head` on 127.0.0.1 with token auth; jobs see the S3 credentials."""
+    service = start_ray_head(tmp_path_factory.mktemp("ray"), TOKEN, env=s3.env, num_cpus=2)
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def cluster(ray_head, s3_env, mlflow_server, monkeypatch):
+    """This shell pointed at the head, the MLflow server and a fresh S3 prefix."""
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", ray_head.url)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return ray_head
+
+
+def spec_file(tmp_path, name: str):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(SPEC.format(name=name))
+    return path
+
+
+def physflow(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_submit_follow_runs_the_job_into_mlflow_and_s3(cluster, tmp_path, s3_env, mlflow_server):
+    name = f"sub-{uuid.uuid4().hex[:6]}"
+    spec = spec_file(tmp_path, name)
+    result = physflow("submit", spec, "--follow", "--", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert "published " + name in result.output  # the job's own output, streamed
+    sid = result.output.split("submitted ", 1)[1].split()[0]
+    assert sid.startswith(f"physflow-preprocess-{name}-")
+    assert f"{sid} succeeded" in result.output
+
+    # The job's run is in that MLflow server, its artifacts in the S3 store.
+    mlflow.set_tracking_uri(mlflow_server.url)
+    runs = mlflow.search_runs(
+        experiment_names=["preprocess"],
+        filter_string=f"attributes.run_name = '{name}-v1'",
+        output_format="list",
+    )
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["physflow.submission_id"] == sid
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id)}
+    assert {"manifest.json", "spec.yaml"} <= names
+    assert runs[0].info.artifact_uri.startswith("mlflow-artifacts:")
+    from flows.storage import Storage
+
+    store = Storage.from_env()
+    assert store.exists(f"{s3_env}/datasets/{name}/v1/manifest.json")
+    assert store.fs.find("physflow-test/mlartifacts"), "artifacts were not proxied to S3"
+
+    # status / jobs / logs read the same job back; its metadata says what ran.
+    status = physflow("status", sid)
+    assert status.exit_code == 0, status.output
+    assert "SUCCEEDED" in status.output and "exit code 0" in status.output
+    assert "physflow.spec_digest" in status.output and "physflow.git_commit" in status.output
+    listed = physflow("jobs")
+    assert listed.exit_code == 0 and sid in listed.output
+    logs = physflow("logs", sid)
+    assert logs.exit_code == 0 and "published " + name in logs.output
+
+    # A submission id already used on the cluster is refused, not run twice.
+    again = physflow("submit", spec, "--submission-id", sid)
+    assert again.exit_code == 2, again.output
+    assert f"submission id '{sid}' is taken" in again.output
+    assert "Traceback" not in again.output
+
+
+def test_a_failing_job_makes_follow_fail_with_its_exit_code(cluster, tmp_path):
+    spec = spec_file(tmp_path, f"bad-{uuid.uuid4().hex[:6]}")
+    # Valid here; on the cluster the storage bucket does not exist: the job exits 2.
+    result = physflow("submit", spec, "--follow", "--env", "PHYSFLOW_STORAGE=s3://no-such-bucket/x")
+    assert result.exit_code == 2, result.output
+    assert "bucket 'no-such-bucket' does not exist" in result.output  # the job's log
+    assert "failed with exit code 2" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_stop_a_running_job(cluster, tmp_path):
+    spec = spec_file(tmp_path, f"stop-{uuid.uuid4().hex[:6]}")
+    result = physflow("submit", spec, "--set", "samples=4000", "--", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    sid = result.output.split("submitted ", 1)[1].split()[0]
+    stopped = physflow("stop", sid)
+    assert stopped.exit_code == 0 and f"stopping {sid}" in stopped.output
+    followed = physflow("logs", sid, "--follow")
+    assert followed.exit_code == 1, followed.output
+    assert f"job {sid} stopped" in followed.output
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [
+        ("wrong-token", "refused the token from RAY_AUTH_TOKEN (403)"),
+        (None, "requires a token (401): set RAY_AUTH_TOKEN"),
+    ],
+)
+def test_token_missing_or_wrong(cluster, tmp_path, monkeypatch, token, message):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token to fall back on
+    if token is None:
+        monkeypatch.delenv("RAY_AUTH_TOKEN")
+    else:
+        monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    result = physflow("submit", spec_file(tmp_path, "tok"))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 2
+
+
+def test_token_from_a_file(cluster, tmp_path, monkeypatch):
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+    result = physflow("jobs")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["jobs", "--address", "http://127.0.0.1:{port}"], 2, "cannot connect"),
+        (["status", "no-such-job"], 2, "no job 'no-such-job'"),
+        (["submit", "{spec}", "--set", "samples=-1"], 2, "samples: Input should be"),
+        (["submit", "{spec}", "--env", "AWS_SECRET_ACCESS_KEY=x"], 2, "credentials are not"),
+        (["submit", "{spec}", "--job", "nope"], 2, "--job 'nope': expected one of"),
+    ],
+)
+def test_mistakes_are_one_line(cluster, tmp_path, args, code, message):
+    spec = spec_file(tmp_path, "m")
+    port = free_port()
+    result = physflow(*(a.format(port=port, spec=spec) for a in args))
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_default_id_is_the_same_for_the_same_spec_and_code(tmp_path):
+    from flows.submit import prepare
+
+    spec = spec_file(tmp_path, "same")
+    first, second = prepare(spec), prepare(spec, ["samples=6"])
+    assert first.submission_id == second.submission_id
+    assert prepare(spec, ["samples=7"]).submission_id != first.submission_id
+    assert first.metadata["physflow.spec_digest"] == first.spec_digest
+    assert first.env["PHYSFLOW_SUBMISSION_ID"] == first.submission_id
+
+
+def test_no_address_at_all(tmp_path, monkeypatch):
+    for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    result = physflow("jobs")
+    assert result.exit_code == 2 and "no Ray cluster given" in result.output

@@ -1,0 +1,44 @@
+"""The one-machine stack (`make stack-up` / `stack-down`): it runs in the background, stops
+cleanly, and a restarted stack serves what the last one stored, at the same addresses."""
+
+from __future__ import annotations
+
+import mlflow
+import s3fs
+
+from infra import stack
+
+
+def test_a_restarted_stack_keeps_its_data_ports_and_credentials(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHYSFLOW_STACK_DIR", str(tmp_path / "stack"))
+    env = stack.up()
+    try:
+        assert env["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
+        fs = s3fs.S3FileSystem(
+            endpoint_url=env["PHYSFLOW_S3_ENDPOINT_URL"],
+            key=env["AWS_ACCESS_KEY_ID"],
+            secret=env["AWS_SECRET_ACCESS_KEY"],
+            skip_instance_cache=True,
+        )
+        fs.pipe_file("physflow/data/kept.txt", b"still here")
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        experiment_id = mlflow.create_experiment("kept")
+        assert stack.up() == env  # already up: the same stack, not a second one
+    finally:
+        assert set(stack.down()) == {"seaweedfs", "mlflow"}
+    assert stack.running(stack.load_state(tmp_path / "stack")) == {}
+    assert (tmp_path / "stack" / "stack.json").stat().st_mode & 0o077 == 0
+
+    again = stack.up()
+    try:
+        assert again == env
+        fs = s3fs.S3FileSystem(
+            endpoint_url=again["PHYSFLOW_S3_ENDPOINT_URL"],
+            key=again["AWS_ACCESS_KEY_ID"],
+            secret=again["AWS_SECRET_ACCESS_KEY"],
+            skip_instance_cache=True,
+        )
+        assert fs.cat_file("physflow/data/kept.txt") == b"still here"
+        assert mlflow.get_experiment_by_name("kept").experiment_id == experiment_id
+    finally:
+        stack.down()
