@@ -46,6 +46,8 @@ KEY_METRICS = {
     "preprocess": ["samples", "samples_per_s", "bytes", "shards_resumed"],
     "train": ["test_rel_l2_mean", "loss", "lm_iterations", "converged_share", "step_seconds"],
     "evaluate": ["test_rel_l2_mean", "test_rel_l2_std", "samples"],
+    "pbt": ["score", "best_score", "final_score", "exploits", "overhead_fraction"],
+    "nas": ["hypervolume", "validations", "front_size", "failed"],
 }
 
 SpecPath = Annotated[Path, typer.Argument(help="job spec (YAML)", show_default=False)]
@@ -353,7 +355,9 @@ def runs(
     if not rows:
         out.print(f"no runs in experiment {experiment!r}")
         return
-    keys = _metric_columns(rows, KEY_METRICS.get(experiment, []))
+    # PBT and NAS experiments are named after their spec (pbt-toy, nas-digits, ...)
+    family = KEY_METRICS.get(experiment) or KEY_METRICS.get(experiment.split("-")[0], [])
+    keys = _metric_columns(rows, family)
     table = Table(
         "run",
         "name",

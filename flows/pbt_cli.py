@@ -1,7 +1,152 @@
-"""`physflow pbt` commands (registered on the main app by flows.cli)."""
+"""`physflow pbt` commands (registered on the main app by flows.cli).
+
+    physflow pbt SPEC [--resume] [--set key=value ...]    run (or continue) a search
+    physflow pbt replay SOURCE [--member M]                retrain one member's schedule
+
+Both forms live on one command group: a first argument that is not a sub-command name is
+a spec, so `physflow pbt configs/pbt-toy.yaml` means `physflow pbt run configs/...`.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from typer.core import TyperGroup
+
+
+class _SpecOrCommand(TyperGroup):
+    """A group whose default sub-command is `run`: `pbt SPEC` == `pbt run SPEC`."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
 
 
 def register(app, reports_errors, out, err) -> None:
     """Add this module's commands to `app`."""
+    pbt_app = typer.Typer(
+        cls=_SpecOrCommand,
+        help="Population-based training: `physflow pbt SPEC` runs a search "
+        "(the same as `pbt run SPEC`); `physflow pbt replay` retrains a member.",
+        no_args_is_help=True,
+        rich_markup_mode=None,
+    )
+    app.add_typer(pbt_app, name="pbt")
+
+    @pbt_app.command("run")
+    @reports_errors
+    def run(
+        spec: Annotated[Path, typer.Argument(help="search spec (YAML)", show_default=False)],
+        set_: Annotated[
+            list[str] | None,
+            typer.Option("--set", "-s", help="override a spec key: key.path=value"),
+        ] = None,
+        resume: Annotated[
+            bool, typer.Option(help="continue the search from its last committed round")
+        ] = False,
+        storage: Annotated[str | None, typer.Option(help="storage root URL")] = None,
+        ray_address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+    ) -> None:
+        """Run a population-based search (or random, grid, explore/exploit-only)."""
+        from flows.pbt import PbtSpec, run_pbt
+        from flows.spec import load_spec
+        from flows.storage import Storage
+
+        job = load_spec(PbtSpec, spec, set_ or [])
+        root = Storage.from_env(storage).check()
+        try:
+            with _bar(err, job.name, "steps") as update:
+                result = run_pbt(job, root, resume, update, ray_address)
+        except KeyboardInterrupt:
+            typer.echo(
+                f"interrupted: the search state is kept; continue with: "
+                f"physflow pbt {spec} --resume",
+                err=True,
+            )
+            raise typer.Exit(130) from None
+        resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
+        out.print(
+            f"searched {job.name} ({job.strategy}, {job.population} members x "
+            f"{result.steps} steps{resumed}): {result.steps_trained} steps trained "
+            f"in {result.seconds:.1f} s"
+        )
+        out.print(
+            f"  winner    member {result.winner}: {result.metric} = {result.score:.6g} "
+            f"({result.exploits} exploits, {result.members_failed} members failed)"
+        )
+        out.print(f"  overhead  {result.overhead_fraction:.1%} of the population's wall time")
+        out.print(f"  run       {result.run_id} (experiment {result.experiment})")
+        if result.registered:
+            out.print(f"  model     {result.model_uri} (registered as {result.registered!r})")
+        out.print(f"  replay    physflow pbt replay {result.run_id}")
+
+    @pbt_app.command("replay")
+    @reports_errors
+    def replay(
+        source: Annotated[str, typer.Argument(help="run id of a search, or a lineage.json file")],
+        member: Annotated[
+            int | None, typer.Option(min=0, help="member to replay [default: the winner]")
+        ] = None,
+        storage: Annotated[str | None, typer.Option(help="storage root URL")] = None,
+        ray_address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+    ) -> None:
+        """Retrain one member's whole schedule (its ancestors' steps, then its own)."""
+        from flows.pbt import replay as run_replay
+        from flows.storage import Storage
+
+        root = Storage.from_env(storage).check()
+        with _bar(err, "replay", "steps") as update:
+            result = run_replay(source, member, root, update, ray_address)
+        recorded = (
+            f"recorded {result.recorded:.6g}, difference {result.score - result.recorded:.3g}"
+            if result.recorded is not None
+            else "no recorded score"
+        )
+        out.print(
+            f"replayed member {result.member}: {result.steps} steps in {result.segments} "
+            f"segments, {result.metric} = {result.score:.6g} ({recorded}) "
+            f"in {result.seconds:.1f} s"
+        )
+
+
+class _bar:
+    """A rich progress bar on stderr (hidden when stderr is not a terminal)."""
+
+    def __init__(self, console, label: str, unit: str):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(unit),
+            TextColumn("best {task.fields[best]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        )
+        self.label, self.task = label, None
+
+    def __enter__(self):
+        self.bar.start()
+
+        def update(done: int, total: int, best: float | None = None) -> None:
+            if self.task is None:
+                self.task = self.bar.add_task(self.label, total=total, best="-")
+            fields = {} if best is None else {"best": f"{best:.4g}"}
+            self.bar.update(self.task, completed=done, total=total, **fields)
+
+        return update
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()

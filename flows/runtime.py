@@ -144,6 +144,7 @@ def ray_session(address: str | None = None, enabled: bool = True) -> Iterator[No
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         else:
             ray.init(
+                address="local",  # a new local Ray even when another runs on this machine
                 num_cpus=os.cpu_count(),
                 include_dashboard=False,
                 logging_level=logging.WARNING,

@@ -391,21 +391,11 @@ def _loop(spec, model, optimizer, schedule, train_data, done, run, checkpoint, p
     """The training steps from `done["step"]`, which it keeps up to date. Each step's batch
     and collocation points come from (seed, step), so a resumed or retried step sees exactly
     what the original would have."""
-    import torch
 
     t = spec.training
-    n = len(train_data)
     for step in range(done["step"], t.steps):
         t0 = time.perf_counter()
-        rng = np.random.default_rng([t.seed, step])
-        index = rng.choice(n, size=min(t.batch_size, n), replace=False)
-        truth = torch.from_numpy(np.ascontiguousarray(train_data[index])).to(torch.float64)
-        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        loss, _, solved = model.loss(truth[:, 0].float(), generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
+        loss, norm, solved = _train_step(model, optimizer, train_data, t, t.seed, step)
         schedule.step()
         done["step"] = step + 1
         seconds = time.perf_counter() - t0
@@ -428,6 +418,25 @@ def _loop(spec, model, optimizer, schedule, train_data, done, run, checkpoint, p
             checkpoint(step + 1, run.run_id)
         if progress:
             progress(step + 1, t.steps, metrics["loss"])
+
+
+def _train_step(model, optimizer, train_data, t: TrainingSpec, seed: int, step: int,
+                grad_clip: float | None = None):  # fmt: skip
+    """One optimiser step on the batch and collocation points of (seed, step) -> (loss,
+    gradient norm, the experts' record)."""
+    import torch
+
+    n = len(train_data)
+    rng = np.random.default_rng([seed, step])
+    index = rng.choice(n, size=min(t.batch_size, n), replace=False)
+    truth = torch.from_numpy(np.ascontiguousarray(train_data[index])).to(torch.float64)
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    loss, _, solved = model.loss(truth[:, 0].float(), generator)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or t.grad_clip)
+    optimizer.step()
+    return loss, norm, solved
 
 
 def _expert_metrics(solved, step_seconds: float, executor) -> dict[str, float]:
@@ -468,3 +477,152 @@ def _log_model(run, model, problem: Problem, spec: TrainSpec) -> tuple[str | Non
         serialization_format="pickle",
     )
     return info.model_uri, name
+
+
+# One step at a time: the `pde` trainable of population-based training ---------------------
+
+
+PBT_HPARAMS = ("lr", "damping", "ridge", "collocation_points", "grad_clip")
+
+
+class StepTrainer:
+    """The trainer of `physflow train`, driven one step at a time with hyperparameters that
+    may change between steps (the PBT trainable contract, actors.pbt.trainable).
+
+    Hyperparameters: `lr` (the base rate; the spec's halving schedule still applies),
+    `damping` (LM's initial damping, sent to the experts), `ridge` (the experts' ridge
+    rows), `collocation_points` (per expert), `grad_clip`. Batches and collocation points
+    come from (seed, step), and the seed is part of the state, so a member that loads a
+    donor's state continues exactly as the donor would have. `evaluate` scores the first
+    `eval_samples` test samples (`test_rel_l2`)."""
+
+    def __init__(self, spec: TrainSpec, storage: Storage, seed: int, eval_samples: int = 4):
+        import torch
+
+        self.spec, self.seed, self.step_, self.eval_samples = spec, seed, 0, eval_samples
+        self.problem = open_problem(spec, storage)
+        self.train_data = self.problem.dataset.arrays("train")[self.problem.field]
+        torch.manual_seed(seed)
+        self.net = build_model(spec, self.problem)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=spec.training.lr)
+        self.damping = spec.constraint.damping
+        if spec.experts.executor == "ray" and self.net.num_experts > 0:
+            from actors.experts import RayExperts
+
+            self.net.executor = RayExperts(
+                self.net.expert_config(),
+                self.net.num_experts,
+                spec.experts.gpus_per_expert,
+                spec.experts.cpus_per_expert,
+            )
+        self._restarts_seen = 0
+
+    def step(self, hparams: dict[str, Any]) -> dict[str, float]:
+        t = self.spec.training
+        self._apply(hparams)
+        t0 = time.perf_counter()
+        grad_clip = float(hparams.get("grad_clip", t.grad_clip))
+        loss, norm, solved = _train_step(
+            self.net, self.optimizer, self.train_data, t, self.seed, self.step_, grad_clip
+        )
+        self.step_ += 1
+        metrics = {
+            "loss": float(loss.detach()),
+            "grad_norm": float(norm),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        if solved is not None:
+            seconds = time.perf_counter() - t0
+            metrics.update(_expert_metrics(solved, seconds, self.net.executor))
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"training diverged at step {self.step_}: loss is nan/inf")
+        return metrics
+
+    def _apply(self, hparams: dict[str, Any]) -> None:
+        """Set this step's hyperparameters on the optimiser, the model and the experts."""
+        import dataclasses
+
+        t = self.spec.training
+        lr = float(hparams.get("lr", t.lr)) * 0.5 ** (self.step_ // t.lr_halve_every)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if "collocation_points" in hparams:
+            self.net.collocation_points = int(hparams["collocation_points"])
+        if "ridge" in hparams and hasattr(self.net.constraint, "ridge"):
+            ridge = float(hparams["ridge"])
+            self.net.constraint = dataclasses.replace(self.net.constraint, ridge=ridge)
+            self.net.pde_parameters["ridge"] = ridge
+        if "damping" in hparams:
+            self._set_damping(float(hparams["damping"]))
+
+    def _set_damping(self, damping: float) -> None:
+        """LM's initial damping lives in each expert's config; a restarted expert actor
+        comes back with the original, so it is sent again after a restart."""
+        import dataclasses
+
+        executor = self.net._executor() if self.net.num_experts else None
+        restarts = getattr(executor, "restarts", 0)
+        if damping == self.damping and restarts == self._restarts_seen:
+            return
+        self.damping, self._restarts_seen = damping, restarts
+        options = dataclasses.replace(self.net.options, initial_damping=damping)
+        self.net.options = options
+        if executor is None:
+            return
+        config = dataclasses.replace(executor.config, options=options)
+        executor.config = config
+        if hasattr(executor, "solvers"):  # in-process
+            for solver in executor.solvers:
+                solver.config = config
+        else:  # Ray actors
+            import ray
+
+            ray.get([a.__ray_call__.remote(_set_expert_config, config) for a in executor.actors])
+
+    def evaluate(self) -> dict[str, float]:
+        errors, _ = evaluate(
+            self.net,
+            self.problem.dataset,
+            self.problem.field,
+            self.spec.eval_batch_size,
+            limit=self.eval_samples,
+        )
+        return {"test_rel_l2": float(errors[: self.eval_samples].mean())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step_,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_, self.seed = int(state["step"]), int(state["seed"])
+
+    def model(self):
+        return self.net
+
+    def placement_groups(self) -> list[Any]:
+        group = getattr(self.net.executor, "group", None)
+        return [group] if group is not None else []
+
+    def close(self) -> None:
+        if self.net.executor is not None:
+            self.net.executor.close()
+            self.net.executor = None
+
+
+def _set_expert_config(actor, config) -> None:
+    """Runs inside an expert actor (`__ray_call__`): new solver options, same actor."""
+    actor.solver.config = config
+
+
+def pbt_trainable(seed: int, options: dict[str, Any]) -> StepTrainer:
+    """The `pde` trainable: options = {"train": a TrainSpec as data, "storage": root URL,
+    "eval_samples": test samples scored at each ready point}."""
+    spec = TrainSpec.model_validate(options["train"])
+    storage = Storage.at(options["storage"])
+    return StepTrainer(spec, storage, seed, int(options.get("eval_samples", 4)))

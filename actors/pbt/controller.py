@@ -352,6 +352,8 @@ class Population:
 
     def _record(self, m: int, report: dict[str, Any]) -> Segment:
         metric = self.config.metric
+        if not report["history"] and metric not in report["metrics"]:
+            raise RuntimeError(f"member {m} was asked for no steps at step {report['start']}")
         if metric not in report["metrics"]:
             raise MetricMissing(
                 f"metric {metric!r} is not in the trainable's report "
@@ -388,6 +390,19 @@ class Population:
         cfg, scores = self.config, self._scores()
         if cfg.strategy not in ("pbt", "exploit_only"):
             return []
+        if members is not None:
+            # Asynchronous: no donor is a member that has finished its steps (the copy
+            # would have none left to train) or one that has just exploited another and
+            # not trained since (its last score is not its weights' any more).
+            scores = {
+                k: v
+                for k, v in scores.items()
+                if k in members
+                or (
+                    self.lineage.members[k].step < cfg.steps
+                    and self.origin[k].get("kind") != "exploit"
+                )
+            }
         if cfg.exploit == "tournament":
             return policy.tournament(scores, cfg.mode, self.rng, members)
         return policy.truncation(scores, cfg.mode, cfg.quantile, self.rng, members)
@@ -427,14 +442,14 @@ class Population:
             self.hparams[d.member] = new
             self.origin[d.member] = {"kind": "exploit", "donor": d.donor, "ops": ops}
             self.ledger.set_latest(d.member, latest[d.donor])
-            loads[d.member] = self.actors[d.member].load.remote(states[d.donor])
+            loads[d.member] = (self.actors[d.member].load.remote(states[d.donor]), d.donor)
             self.lineage.exploits.append(record)
             self.listener.on_exploit(record)
-        for m, ref in loads.items():
+        for m, (ref, donor) in loads.items():
             try:
                 ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
-                self.pending_load[m] = latest[d.donor]  # same weights, from storage
+                self.pending_load[m] = latest[donor]  # the same weights, from storage
         if self.config.strategy == "explore_only":
             for m in members:
                 new, ops = self._explore(self.hparams[m])
