@@ -1,15 +1,14 @@
-"""`physflow pbt`: population-based training of any trainable, its lineage in MLflow.
+"""`physflow pbt`: population-based training of any trainable, from spec to winner.
 
     spec ─► search space, strategy, trainable ─► Population (actors.pbt) on Ray
       members = Ray actors, each a trainer kept alive; PDE members own their experts
       ready point ─► rank ─► exploit (copy weights + hyperparameters) ─► explore
       every round ─► checkpoints + state.json in <storage>/pbt/<name>/       [storage]
-      parent run + one nested run per member; hyperparameters as metrics     [MLflow]
-      lineage.json + lineage.png; the winner's model registered
+      MLflow runs, lineage.json + lineage.png, the winner's model  [flows.pbt_tracking]
 
 Strategies share the loop and the budget (members × steps): `pbt`, `random` (fixed
 hyperparameters drawn from the priors), `grid`, `explore_only`, `exploit_only`.
-`replay` trains one member's schedule again from its lineage, in this process.
+`physflow pbt replay` (flows.pbt_replay) trains one member's schedule again.
 Why a purpose-built controller rather than Ray Tune: see actors/pbt/__init__.py.
 """
 
@@ -28,6 +27,7 @@ from pydantic import Field, field_validator, model_validator
 
 from flows.datasets import NAME_PATTERN
 from flows.errors import JobFailure, UserError
+from flows.pbt_tracking import Tracker, lineage_document, log_artifacts, register_winner
 from flows.spec import Spec
 from flows.storage import Storage
 from flows.train import PBT_HPARAMS, TrainSpec
@@ -271,7 +271,8 @@ def resolve_trainable(spec: PbtSpec, storage: Storage) -> tuple[Callable, dict[s
     return builder, options
 
 
-def _pde_experts(spec: PbtSpec) -> int:
+def pde_experts(spec: PbtSpec) -> int:
+    """Expert actors per member: 0 unless a PDE trainable runs its experts on Ray."""
     t = spec.train
     if t is None or t.experts.executor != "ray" or t.model.kind == "sc":
         return 0
@@ -285,7 +286,7 @@ def plan_resources(spec: PbtSpec, options: dict[str, Any]) -> tuple[float, float
 
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 1.0), total.get("GPU", 0.0)
-    r, n, experts = spec.resources, spec.population, _pde_experts(spec)
+    r, n, experts = spec.resources, spec.population, pde_experts(spec)
     share = 2 * n if experts else n
     member_cpus = r.member_cpus if r.member_cpus is not None else min(1.0, cpus / share)
     if experts:
@@ -307,130 +308,6 @@ def plan_resources(spec: PbtSpec, options: dict[str, Any]) -> tuple[float, float
         }
         options["train"] = train
     return round(member_cpus, 4), r.member_gpus
-
-
-# MLflow: parent run, one nested run per member -------------------------------------------
-
-
-class Tracker:
-    """The controller's events as MLflow records. Params cannot change, so each
-    hyperparameter is also a metric `hp.<name>` over steps (its schedule); an exploit is a
-    tag on the member's run and a row of the parent's exploits.json."""
-
-    def __init__(self, parent, spec: PbtSpec, space, digest: str, progress=None):
-        import mlflow
-
-        self.digest = digest
-        self.client = mlflow.MlflowClient()
-        self.parent, self.spec, self.space, self.progress = parent, spec, space, progress
-        self.experiment_id = mlflow.get_run(parent.run_id).info.experiment_id
-        self.runs: dict[int, str] = {}
-        # Records wait here and go out in one batch per run when the controller commits
-        # its state (every few seconds), so that MLflow and the resume state agree.
-        self.metrics: dict[str, list] = {}
-        self.tags: dict[str, dict[str, str]] = {}
-
-    def open_members(self, lineage, hparams: dict[int, dict], known: dict[str, str]) -> None:
-        for record in lineage.members:
-            m = record.member
-            if str(m) in known:
-                self.runs[m] = known[str(m)]
-                self.client.update_run(self.runs[m], status="RUNNING")
-                continue
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=f"member-{m}",
-                tags={"mlflow.parentRunId": self.parent.run_id, "physflow.member": str(m)},
-            )
-            self.runs[m] = run.info.run_id
-            params = {f"hp.{k}": str(v) for k, v in hparams[m].items()}
-            params.update({"seed": str(record.seed), "member": str(m)})
-            self.client.log_batch(self.runs[m], params=_params(params))
-
-    def _log(self, run_id: str, values: list[tuple[str, float, int]]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.metrics.setdefault(run_id, []).extend(
-            Metric(k, float(v), now, s) for k, v, s in values if math.isfinite(float(v))
-        )
-
-    def _tag(self, run_id: str, key: str, value: str) -> None:
-        self.tags.setdefault(run_id, {})[key] = value[:5000]
-
-    def flush(self) -> None:
-        from mlflow.entities import RunTag
-
-        for run_id in sorted(set(self.metrics) | set(self.tags)):
-            metrics = self.metrics.pop(run_id, [])
-            tags = [RunTag(k, v) for k, v in self.tags.pop(run_id, {}).items()]
-            for i in range(0, max(len(metrics), 1), 1000):
-                self.client.log_batch(run_id, metrics=metrics[i : i + 1000], tags=tags)
-                tags = []
-
-    def hp_value(self, name: str, value: Any) -> float:
-        if isinstance(value, str):
-            return float(self.space[name].values.index(value))
-        return float(value)
-
-    def on_segment(self, m: int, segment, report: dict[str, Any]) -> None:
-        rows = []
-        for i, metrics in enumerate(report["history"]):
-            step = segment.start + i + 1
-            rows += [(k, v, step) for k, v in metrics.items()]
-            rows += [(f"hp.{k}", self.hp_value(k, v), step) for k, v in segment.hparams.items()]
-        last = report["history"][-1] if report["history"] else {}
-        rows += [(k, v, segment.end) for k, v in report["metrics"].items() if k not in last]
-        rows.append(("score", segment.score, segment.end))
-        self._log(self.runs[m], rows)
-
-    def on_exploit(self, record: dict[str, Any]) -> None:
-        m, step = record["member"], record["step"]
-        changes = "; ".join(
-            f"{k} {record['old'][k]!r} -> {record['new'][k]!r} ({record['ops'].get(k, 'copy')})"
-            for k in record["new"]
-        )
-        text = f"copied member {record['donor']} at its step {record['donor_step']}: {changes}"
-        self._tag(self.runs[m], f"exploit.step-{step:07d}", text)
-        self._log(self.runs[m], [("exploit.donor", record["donor"], step), ("exploited", 1, step)])
-
-    def on_failure(self, m: int, reason: str) -> None:
-        self._tag(self.runs[m], "failure", reason)
-        self.flush()
-        self.client.set_terminated(self.runs[m], status="FAILED")
-
-    def on_restart(self, m: int, reason: str) -> None:
-        self._tag(self.runs[m], f"restart.{int(time.time())}", reason)
-
-    def on_progress(self, done: int, total: int, best: float | None) -> None:
-        if best is not None and math.isfinite(best):
-            step = done // max(self.spec.population, 1)
-            self._log(self.parent.run_id, [("best_score", best, step)])
-        if self.progress:
-            self.progress(done, total, best)
-
-    def extra_state(self) -> dict[str, Any]:
-        return {
-            "parent_run_id": self.parent.run_id,
-            "member_runs": self.runs,
-            "digest": self.digest,
-        }
-
-    def finish(self, lineage) -> None:
-        for record in lineage.members:
-            score = record.segments[-1].score if record.segments else None
-            if record.status != "failed" and score is not None and math.isfinite(score):
-                self._log(self.runs[record.member], [("final_score", score, record.step)])
-        self.flush()
-        for record in lineage.members:
-            if record.status != "failed":
-                self.client.set_terminated(self.runs[record.member], status="FINISHED")
-
-
-def _params(params: dict[str, str]):
-    from mlflow.entities import Param
-
-    return [Param(k, v[:6000]) for k, v in params.items()]
 
 
 # The job -----------------------------------------------------------------------------------
@@ -530,7 +407,7 @@ def run_pbt(
             winner = lineage.winner()
             if winner is None:
                 raise JobFailure(f"search {spec.name!r}: no member reported a score")
-            model_uri, registered = _register(spec, storage, population, tracker, winner)
+            model_uri, registered = register_winner(spec, storage, population, tracker, winner)
         except MetricMissing as exc:
             raise UserError(f"metric: {exc}") from None
         except PopulationFailed as exc:
@@ -540,7 +417,7 @@ def run_pbt(
         tracker.finish(lineage)
         overhead = overhead_fraction(population.timing)
         data = lineage_document(spec, lineage, tracker.runs)
-        _log_artifacts(run, spec, lineage, data)
+        log_artifacts(run, spec, lineage, data)
         run.log_metrics(
             {
                 "best_score": winner["score"],
@@ -580,143 +457,3 @@ def overhead_fraction(timing) -> float:
         return 0.0
     busy = sum(timing.step_seconds.values()) / len(timing.step_seconds)
     return max(0.0, 1.0 - busy / timing.wall_seconds)
-
-
-def lineage_document(spec: PbtSpec, lineage, runs: dict[int, str]) -> dict[str, Any]:
-    """lineage.json: the lineage plus what replay needs (the spec, the member seeds)."""
-    data = lineage.to_json()
-    for record in data["members"]:
-        record["run_id"] = runs.get(record["member"])
-    data["name"] = spec.name
-    data["spec"] = spec.resolved()
-    return data
-
-
-def _log_artifacts(run, spec: PbtSpec, lineage, data: dict[str, Any]) -> None:
-    from actors.pbt.lineage import draw
-
-    run.log_json(data, "lineage.json")
-    run.log_json(lineage.exploits, "exploits.json")
-    figure = draw(lineage, title=f"{spec.name}: {spec.strategy}, {spec.metric} ({spec.mode})")
-    run.log_figure(figure, "lineage.png")
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
-
-
-def _register(spec: PbtSpec, storage, population, tracker, winner) -> tuple[str | None, str | None]:
-    """The winner's model, logged to its nested run and registered; None if the trainable
-    has no `model()` (the toy)."""
-    import mlflow
-
-    model = population.model(winner["member"])
-    if model is None:
-        return None, None
-    name = spec.register_as or spec.name
-    with mlflow.start_run(run_id=tracker.runs[winner["member"]], nested=True) as active:
-        if spec.trainable == "pde":
-            from flows.tracking import JobRun
-            from flows.train import _log_model, open_problem
-
-            train = spec.train.model_copy(update={"register_as": name})
-            problem = open_problem(train, storage)
-            return _log_model(JobRun(active.info.run_id, spec.experiment_name), model,
-                              problem, train)  # fmt: skip
-        info = mlflow.pytorch.log_model(model, name="model", registered_model_name=name)
-        return info.model_uri, name
-
-
-# Replay ------------------------------------------------------------------------------------
-
-
-@dataclass
-class ReplayResult:
-    member: int
-    steps: int
-    segments: int
-    score: float
-    recorded: float | None
-    metric: str
-    seconds: float
-
-
-def load_lineage(source: str) -> dict[str, Any]:
-    """A lineage.json path, or the MLflow run id of a search (its parent run)."""
-    import os
-
-    if os.path.isfile(source):
-        import json
-
-        with open(source) as f:
-            return json.load(f)
-    from flows import tracking
-
-    tracking.ensure_experiment("pbt-replay")  # sets the tracking URI
-    import mlflow
-
-    try:
-        return mlflow.artifacts.load_dict(f"runs:/{source}/lineage.json")
-    except Exception as exc:  # noqa: BLE001 - any failure here means "not a search"
-        raise UserError(
-            f"{source!r}: neither a lineage.json file nor the run id of a PBT search "
-            f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})"
-        ) from None
-
-
-def replay(
-    source: str,
-    member: int | None = None,
-    storage: Storage | None = None,
-    progress: Callable[[int, int, float | None], None] | None = None,
-    ray_address: str | None = None,
-) -> ReplayResult:
-    """Train `member`'s (default: the winner's) whole schedule again, in this process:
-    the root ancestor's seed, then each segment's steps with its hyperparameters."""
-    from actors.pbt.lineage import Lineage
-    from flows.runtime import ray_session
-
-    data = load_lineage(source)
-    spec = PbtSpec.model_validate(data["spec"])
-    lineage = Lineage.from_json(data)
-    if member is None:
-        member = (data.get("winner") or {}).get("member", 0)
-    if not 0 <= member < len(lineage.members):
-        raise UserError(f"--member {member}: the search has members 0..{len(lineage.members) - 1}")
-    storage = storage or Storage.from_env()
-    builder, options = resolve_trainable(spec, storage)
-    seed, segments = lineage.schedule(member)
-    total = segments[-1].end if segments else 0
-    t0 = time.perf_counter()
-    with ray_session(ray_address, enabled=_pde_experts(spec) > 0):
-        trainer = builder(seed, options)
-        try:
-            final: dict[str, float] = {}
-            step = segments[0].start if segments else 0
-            for segment in segments:
-                while step < segment.end:
-                    final = trainer.step(dict(segment.hparams))
-                    step += 1
-                    if progress:
-                        progress(step, total, None)
-            final = dict(final)
-            evaluate = getattr(trainer, "evaluate", None)
-            if evaluate is not None:
-                final.update(evaluate())
-        finally:
-            close = getattr(trainer, "close", None)
-            if close is not None:
-                close()
-    if spec.metric not in final:
-        raise UserError(f"metric: {spec.metric!r} is not in the trainable's report")
-    recorded = (
-        lineage.members[member].segments[-1].score if lineage.members[member].segments else None
-    )
-    return ReplayResult(
-        member=member,
-        steps=total,
-        segments=len(segments),
-        score=float(final[spec.metric]),
-        recorded=recorded,
-        metric=spec.metric,
-        seconds=time.perf_counter() - t0,
-    )

@@ -94,7 +94,7 @@ def register(app, reports_errors, out, err) -> None:
         ray_address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
     ) -> None:
         """Retrain one member's whole schedule (its ancestors' steps, then its own)."""
-        from flows.pbt import replay as run_replay
+        from flows.pbt_replay import replay as run_replay
         from flows.storage import Storage
 
         root = Storage.from_env(storage).check()

@@ -97,7 +97,7 @@ def test_pbt_beats_grid_explore_and_exploit_only_and_replays(home, ray_local, tm
 
     path.write_text(json.dumps(pbt.lineage))
     other = (pbt.winner + 1) % 4
-    from flows.pbt import replay
+    from flows.pbt_replay import replay
 
     again = replay(str(path), member=other)
     assert again.score == again.recorded
@@ -136,7 +136,7 @@ def test_asynchronous_pbt_with_tournaments_replays_from_checkpoints(home, ray_lo
         assert e["donor_score"] in [s["score"] for s in donor if s["end"] == e["donor_step"]]
     import json
 
-    from flows.pbt import replay
+    from flows.pbt_replay import replay
 
     path = tmp_path / "lineage.json"
     path.write_text(json.dumps(result.lineage))

@@ -9,7 +9,8 @@ import logging
 import mlflow
 import pytest
 
-from flows.pbt import PbtSpec, replay, run_pbt
+from flows.pbt import PbtSpec, run_pbt
+from flows.pbt_replay import replay
 from flows.preprocess import PreprocessSpec, run_preprocess
 from flows.storage import Storage
 from tests.test_train import DATA
