@@ -52,6 +52,8 @@ test: lint k8s-check
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.preprocess --quick
 	$(BIN)/python -m benchmarks.moe --quick
+	$(BIN)/python -m benchmarks.pbt --quick
+	$(BIN)/python -m benchmarks.nas --quick
 	$(BIN)/python -m benchmarks.submit --quick
 
 ui: $(STAMP)

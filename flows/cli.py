@@ -47,7 +47,7 @@ KEY_METRICS = {
     "train": ["test_rel_l2_mean", "loss", "lm_iterations", "converged_share", "step_seconds"],
     "evaluate": ["test_rel_l2_mean", "test_rel_l2_std", "samples"],
     "pbt": ["score", "best_score", "final_score", "exploits", "overhead_fraction"],
-    "nas": ["hypervolume", "validations", "front_size", "failed"],
+    "nas": ["hypervolume", "front_size", "failed", "validations_new", "pool_efficiency"],
 }
 
 SpecPath = Annotated[Path, typer.Argument(help="job spec (YAML)", show_default=False)]
@@ -122,7 +122,7 @@ def preprocess(
     job = load_spec(PreprocessSpec, spec, set_ or [])
     root = Storage.from_env(storage).check()
     try:
-        with _progress(f"{job.name} {job.version}", "shards") as update:
+        with Progress(f"{job.name} {job.version}", "shards") as update:
             result, run_id = run_job(job, root, dask_address, workers, update)
     except KeyboardInterrupt:
         typer.echo(
@@ -173,7 +173,7 @@ def train(
     job = load_spec(TrainSpec, spec, set_ or [])
     root = Storage.from_env(storage).check()
     try:
-        with _progress(job.name, "steps", show_loss=True) as update:
+        with Progress(job.name, "steps", show_loss=True) as update:
             result = run_job(job, root, resume, update, ray_address)
     except KeyboardInterrupt:
         typer.echo(
@@ -237,8 +237,8 @@ def run_quickstart(
     root = Storage.from_env(storage).check()
     try:
         with (
-            _progress(f"data {job.preprocess.name}", "shards") as pre,
-            _progress(f"train {job.train.name}", "steps", show_loss=True) as steps,
+            Progress(f"data {job.preprocess.name}", "shards") as pre,
+            Progress(f"train {job.train.name}", "steps", show_loss=True) as steps,
         ):
             data, result = run(job, root, pre, steps, None, workers, ray_address)
     except KeyboardInterrupt:
@@ -355,7 +355,7 @@ def runs(
     if not rows:
         out.print(f"no runs in experiment {experiment!r}")
         return
-    # PBT and NAS experiments are named after their spec (pbt-toy, nas-digits, ...)
+    # PBT experiments are named after their spec (pbt-toy, pbt-ds-moe, ...)
     family = KEY_METRICS.get(experiment) or KEY_METRICS.get(experiment.split("-")[0], [])
     keys = _metric_columns(rows, family)
     table = Table(
@@ -392,7 +392,7 @@ def _metric_columns(rows, first: list[str], most: int = 5) -> list[str]:
     return keys[:most]
 
 
-class _progress:
+class Progress:
     """A progress bar on stderr (hidden when stderr is not a terminal), fed by (done, total)."""
 
     def __init__(self, label: str, unit: str, show_loss: bool = False):

@@ -1,7 +1,127 @@
-"""`physflow nas` commands (registered on the main app by flows.cli)."""
+"""`physflow nas` commands (registered on the main app by flows.cli).
+
+    physflow nas <spec> [--resume] [--set key=value]     search (the default command)
+    physflow nas export <run id> --pick N                 a front sub-network as a module
+
+`nas` is a command group whose first argument, when it is not one of its commands, is taken
+as a spec for `nas run`: a click group cannot have both an optional positional argument and
+sub-commands, since it would read the sub-command's name as that argument.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from typer.core import TyperGroup
+
+
+class _SpecOrCommand(TyperGroup):
+    """`nas <spec> ...` means `nas run <spec> ...`; `nas export ...` stays itself."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
 
 
 def register(app, reports_errors, out, err) -> None:
     """Add this module's commands to `app`."""
+    nas_app = typer.Typer(
+        cls=_SpecOrCommand,
+        help="Search a super-network's sub-networks: `physflow nas <spec>`, then export one.",
+        no_args_is_help=True,
+        rich_markup_mode=None,
+    )
+    app.add_typer(nas_app, name="nas")
+
+    @nas_app.command("run")
+    @reports_errors
+    def run(
+        spec: Annotated[Path, typer.Argument(help="job spec (YAML)", show_default=False)],
+        set_: Annotated[
+            list[str] | None,
+            typer.Option("--set", "-s", help="override a spec key: key.path=value (repeatable)"),
+        ] = None,
+        resume: Annotated[
+            bool, typer.Option(help="continue the search; nothing is validated twice")
+        ] = False,
+        storage: Annotated[
+            str | None,
+            typer.Option(help="storage root URL [env: PHYSFLOW_STORAGE; default .physflow]"),
+        ] = None,
+        ray_address: Annotated[
+            str | None,
+            typer.Option(help="Ray cluster [env: RAY_ADDRESS; default: Ray on this machine]"),
+        ] = None,
+    ) -> None:
+        """Search a super-network's sub-networks (trains the super-network if none is given)."""
+        from flows.cli import Progress
+        from flows.nas import NASSpec, run_nas
+        from flows.spec import load_spec
+        from flows.storage import Storage
+
+        job = load_spec(NASSpec, spec, set_ or [])
+        root = Storage.from_env(storage).check()
+        try:
+            with (
+                Progress(f"super-network {job.supernet.kind}", "epochs") as training,
+                Progress(f"search {job.name}", "validations") as searching,
+            ):
+                result = run_nas(job, root, resume, searching, training, ray_address)
+        except KeyboardInterrupt:
+            typer.echo(
+                f"interrupted: every finished validation is kept; continue with: "
+                f"physflow nas {spec} --resume",
+                err=True,
+            )
+            raise typer.Exit(130) from None
+        replayed = f", {result.new} new" if result.new != result.validated else ""
+        failed = f", {result.failed} failed" if result.failed else ""
+        out.print(
+            f"validated {result.validated} sub-networks{replayed}{failed} in "
+            f"{result.seconds:.1f} s; hypervolume {result.hypervolume:.4f}"
+        )
+        _print_front(out, result.front, result.objectives)
+        out.print(f"  results  {result.folder}")
+        out.print(f"  run      {result.run_id} (experiment nas)")
+        out.print(f"  export   physflow nas export {result.run_id} --pick 1")
+
+    @nas_app.command("export")
+    @reports_errors
+    def export(
+        run_id: Annotated[str, typer.Argument(help="run id of a search", show_default=False)],
+        pick: Annotated[int, typer.Option(min=1, help="front entry, numbered as printed")],
+        out_path: Annotated[
+            Path | None, typer.Option("--out", help="also save the module to this file")
+        ] = None,
+        storage: Annotated[
+            str | None,
+            typer.Option(help="storage root URL [env: PHYSFLOW_STORAGE; default .physflow]"),
+        ] = None,
+    ) -> None:
+        """Save a front sub-network as a standalone torch module (torch.load to use it)."""
+        from flows.nas import export_subnet
+        from flows.storage import Storage
+
+        result = export_subnet(
+            run_id, pick, Storage.from_env(storage), str(out_path) if out_path else None
+        )
+        measures = ", ".join(f"{k} {v:.4g}" for k, v in result.measures.items())
+        out.print(f"exported pick {result.pick}: {result.config} ({result.params} params)")
+        out.print(f"  measured {measures}")
+        out.print(f"  saved    {result.path}")
+
+
+def _print_front(out, front: list[dict], objectives: list[str]) -> None:
+    from rich.table import Table
+
+    table = Table("pick", *objectives, "sub-network", title="Pareto front", title_justify="left")
+    for row in front:
+        table.add_row(
+            str(row["pick"]),
+            *(f"{row[o]:.4g}" for o in objectives),
+            " ".join(f"{k}={v}" for k, v in row["config"].items()),
+        )
+    out.print(table)

@@ -85,6 +85,9 @@ class EvaluatorActor:
         device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
         self.evaluator = evaluator_cls(setup, device)
 
+    def ready(self) -> bool:
+        return True
+
     def evaluate(self, config: Config) -> dict[str, Any]:
         start_wall, start = time.time(), time.perf_counter()
         result = self.evaluator.evaluate(config)
@@ -126,10 +129,16 @@ class EvaluatorPool:
         self.prefix = f"physflow-nas-{uuid.uuid4().hex[:8]}"
         self._made = 0
         self.actors: list[tuple[str, Any]] = [self._new_actor() for _ in range(actors)]
+        # Start-up (process, imports, loading the super-network) is not evaluation time.
+        ray.get([actor.ready.remote() for _, actor in self.actors])
         self.idle = list(range(actors))
         self.queue: deque[_Task] = deque()
         self.running: dict[Any, tuple[int, _Task]] = {}
         self.restarts = 0
+        self.reset_statistics()
+
+    def reset_statistics(self) -> None:
+        """Start measuring busy time and efficiency afresh (the actors stay)."""
         self.busy_seconds = 0.0
         self.intervals: list[tuple[str, float, float]] = []  # (actor, start, end) wall clock
         self.first_submit: float | None = None

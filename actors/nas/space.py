@@ -97,11 +97,6 @@ class SearchSpace:
         """Largest choice index of each variable (the integer genome of NSGA-II)."""
         return np.array([len(c) - 1 for c in self.choices.values()])
 
-    def encode(self, config: Mapping[str, int]) -> np.ndarray:
-        """Canonical config -> choice indices (one per variable)."""
-        canonical = self.canonical(config)
-        return np.array([c.index(canonical[n]) for n, c in self.choices.items()])
-
     def decode(self, indices: np.ndarray) -> Config:
         """Choice indices (one per variable) -> canonical config."""
         return self.canonical(

@@ -3,13 +3,8 @@ NSGA-II; only its final population is validated.
 
     validate a random population
     repeat: fit one predictor per measured objective on all validated sub-networks
-            inner NSGA-II over the predictors (population x generations cheap evaluations),
-              starting from the best validated sub-networks (lowest non-dominated ranks)
+            inner NSGA-II over the predictors (population x generations cheap evaluations)
             validate up to `batch` of its final front not validated before
-
-Starting the inner search from the validated front, rather than from random genomes, makes
-it refine around what is known to be good and lets the predictors judge the neighbours —
-cheaper to get right than a prediction anywhere in the space.
 
 Objectives the super-network counts exactly (params, MACs) are computed, not predicted: a
 regressor on one-hot features can only lose accuracy on a product of widths. After each
@@ -128,7 +123,7 @@ class Linas(BatchStrategy):
 
         result = minimize(
             Predicted(),
-            integer_nsga2(self.population, self._best_genomes()),
+            integer_nsga2(self.population),
             ("n_gen", self.inner_generations),
             seed=int(self.rng.integers(2**31)),
             verbose=False,
@@ -154,20 +149,6 @@ class Linas(BatchStrategy):
             ranked.extend(int(i) for i in layer)
             remaining = np.setdiff1d(remaining, layer)
         return [configs[i] for i in ranked]
-
-    def _best_genomes(self) -> np.ndarray:
-        """Genomes of the validated sub-networks, by non-dominated rank, `population` of them."""
-        keys = list(self.seen)
-        values = np.array([self.seen[k] for k in keys])
-        order: list[int] = []
-        remaining = np.arange(len(keys))
-        while len(remaining) and len(order) < self.population:
-            layer = remaining[pareto_mask(values[remaining])]
-            order.extend(int(i) for i in layer)
-            remaining = np.setdiff1d(remaining, layer)
-        return np.array([self.space.encode(self.space.from_key(keys[i])) for i in order])[
-            : self.population
-        ]
 
     def _random_unseen(self, n: int) -> list[Config]:
         out, keys = [], set(self.seen)

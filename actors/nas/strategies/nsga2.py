@@ -10,9 +10,8 @@ from actors.nas.space import Config, SearchSpace
 from actors.nas.strategies.base import BatchStrategy
 
 
-def integer_nsga2(population: int, start: np.ndarray | None = None):
-    """pymoo's NSGA-II with rounded SBX and polynomial mutation, starting from random
-    integer genomes, or from the genomes `start` (rows)."""
+def integer_nsga2(population: int):
+    """pymoo's NSGA-II with integer sampling, rounded SBX and polynomial mutation."""
     from pymoo.algorithms.moo.nsga2 import NSGA2
     from pymoo.operators.crossover.sbx import SBX
     from pymoo.operators.mutation.pm import PM
@@ -21,7 +20,7 @@ def integer_nsga2(population: int, start: np.ndarray | None = None):
 
     return NSGA2(
         pop_size=population,
-        sampling=IntegerRandomSampling() if start is None else start,
+        sampling=IntegerRandomSampling(),
         crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
         mutation=PM(eta=20, vtype=float, repair=RoundingRepair()),
         eliminate_duplicates=True,

@@ -1,0 +1,131 @@
+"""`physflow nas` through the CLI, in-process evaluators: resume after the search process is
+killed, the spec mistakes a user can make, the command group. (Ray, S3 and the MLflow server:
+test_nas_ray.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from actors.nas import ElasticMLP, RandomSearch
+from flows.cli import app
+from flows.nas import NASSpec, SearchFolder
+from flows.storage import Storage
+
+runner = CliRunner()
+
+SPEC = """
+name: digits-tiny
+supernet:
+  kind: mlp-digits
+  max_depth: 2
+  widths: [8, 16, 32]
+  training: {epochs: 2}
+objectives: [error, macs]
+strategy: {kind: linas, population: 6, batch: 3, inner_generations: 5}
+budget: 10
+evaluators: {executor: local}
+"""
+
+# In-process evaluation, each slowed by timing it 400 times: slow enough to be killed midway.
+RESUME_SPEC = """
+name: digits-resume
+supernet:
+  kind: mlp-digits
+  max_depth: 2
+  widths: [8, 16, 32]
+  training: {epochs: 1}
+objectives: [error, latency_ms]
+strategy: {kind: random, seed: 5}
+budget: 12
+evaluators:
+  executor: local
+  latency: {batch_size: 64, warmup: 20, repeats: 400}
+"""
+
+
+def physflow(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def spec(tmp_path):
+    path = tmp_path / "nas.yaml"
+    path.write_text(SPEC)
+    return path
+
+
+def test_resume_after_the_search_is_killed_validates_nothing_twice(home, tmp_path):
+    path = tmp_path / "resume.yaml"
+    path.write_text(RESUME_SPEC)
+    results = home / "runs/digits-resume/nas/results/part-00000.jsonl"
+    search = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "nas", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and search.poll() is None:
+        if results.exists() and len(results.read_text().splitlines()) >= 3:
+            search.kill()
+            break
+        time.sleep(0.02)
+    search.wait()
+    assert search.returncode == -9, "the search ended before it could be killed"
+    before = [json.loads(line) for line in results.read_text().splitlines()]
+    assert 3 <= len(before) < 12
+
+    resumed = physflow("nas", path, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert f"validated 12 sub-networks, {12 - len(before)} new" in resumed.output
+    rows = SearchFolder.of(Storage.from_env(), "digits-resume").rows()
+    space = ElasticMLP(2, (8, 16, 32)).space
+    keys = [space.key(r.config) for r in rows]
+    assert len(keys) == len(set(keys)) == 12
+    assert [r.to_json() for r in rows[: len(before)]] == before  # kept as they were
+    assert len({r.session for r in rows[len(before) :]}) == 1
+    assert rows[-1].session != before[0]["session"]
+    # the resumed strategy replayed the stored rows and asked what it would have asked
+    strategy = RandomSearch(space, ["error", "latency_ms"], seed=5)
+    expected = [space.key(c) for c in strategy.ask() + strategy.ask()][:12]
+    assert keys == expected
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("space.width_7=[8]", "space.width_7: unknown elastic variable"),
+        ("space.depth=[]", "space.depth: empty choice set"),
+        ("budget=5", "budget 5: below strategy.population 6"),
+        ("objectives=[rel_l2, macs]", "objectives.0: 'rel_l2' cannot be measured"),
+        ("strategy.kind=grid", "strategy.kind: Input should be 'random', 'nsga2' or 'linas'"),
+    ],
+)
+def test_spec_mistakes_are_one_line_user_errors(home, spec, override, message):
+    result = physflow("nas", spec, "--set", override)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert not (home / "runs").exists()
+
+
+def test_nas_group_help_and_spec_parsing():
+    assert "export" in physflow("nas", "--help").output
+    assert "--pick" in physflow("nas", "export", "--help").output
+    assert physflow("nas", "missing.yaml").output.strip() == (
+        "error: missing.yaml: spec file not found"
+    )
+    spec = NASSpec.model_validate(
+        {"name": "x", "supernet": {"kind": "fno", "dataset": "ds"}, "budget": 60}
+    )
+    assert spec.supernet.modes == [4, 6, 8] and spec.strategy.kind == "linas"
+    assert np.isclose(spec.supernet.training.lr, 3e-3)
