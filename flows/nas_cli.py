@@ -3,9 +3,8 @@
     physflow nas <spec> [--resume] [--set key=value]     search (the default command)
     physflow nas export <run id> --pick N                 a front sub-network as a module
 
-`nas` is a command group whose first argument, when it is not one of its commands, is taken
-as a spec for `nas run`: a click group cannot have both an optional positional argument and
-sub-commands, since it would read the sub-command's name as that argument.
+Both forms live on one command group (`flows.cli_group.SpecOrCommand`): a first argument
+that is not a sub-command name is the spec of `run`.
 """
 
 from __future__ import annotations
@@ -14,22 +13,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from typer.core import TyperGroup
 
-
-class _SpecOrCommand(TyperGroup):
-    """`nas <spec> ...` means `nas run <spec> ...`; `nas export ...` stays itself."""
-
-    def parse_args(self, ctx, args: list[str]) -> list[str]:
-        if args and not args[0].startswith("-") and args[0] not in self.commands:
-            args = ["run", *args]
-        return super().parse_args(ctx, args)
+from flows.cli_group import SpecOrCommand
 
 
 def register(app, reports_errors, out, err) -> None:
     """Add this module's commands to `app`."""
     nas_app = typer.Typer(
-        cls=_SpecOrCommand,
+        cls=SpecOrCommand,
         help="Search a super-network's sub-networks: `physflow nas <spec>`, then export one.",
         no_args_is_help=True,
         rich_markup_mode=None,

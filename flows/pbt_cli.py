@@ -3,8 +3,8 @@
     physflow pbt SPEC [--resume] [--set key=value ...]    run (or continue) a search
     physflow pbt replay SOURCE [--member M]                retrain one member's schedule
 
-Both forms live on one command group: a first argument that is not a sub-command name is
-a spec, so `physflow pbt configs/pbt-toy.yaml` means `physflow pbt run configs/...`.
+Both forms live on one command group (`flows.cli_group.SpecOrCommand`): a first argument
+that is not a sub-command name is the spec of `run`.
 """
 
 from __future__ import annotations
@@ -13,22 +13,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from typer.core import TyperGroup
 
-
-class _SpecOrCommand(TyperGroup):
-    """A group whose default sub-command is `run`: `pbt SPEC` == `pbt run SPEC`."""
-
-    def parse_args(self, ctx, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
-            args = ["run", *args]
-        return super().parse_args(ctx, args)
+from flows.cli_group import SpecOrCommand
 
 
 def register(app, reports_errors, out, err) -> None:
     """Add this module's commands to `app`."""
     pbt_app = typer.Typer(
-        cls=_SpecOrCommand,
+        cls=SpecOrCommand,
         help="Population-based training: `physflow pbt SPEC` runs a search "
         "(the same as `pbt run SPEC`); `physflow pbt replay` retrains a member.",
         no_args_is_help=True,

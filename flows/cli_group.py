@@ -1,0 +1,21 @@
+"""A typer command group whose first argument may be a spec instead of a sub-command.
+
+`physflow pbt SPEC` and `physflow nas SPEC` run a job, while `physflow pbt replay ...` and
+`physflow nas export ...` are sub-commands of the same group. A click group cannot have
+both an optional positional argument and sub-commands (it would read the sub-command's
+name as that argument), so a first argument that is not a sub-command name or an option
+is taken as the spec of the group's `run` command.
+"""
+
+from __future__ import annotations
+
+from typer.core import TyperGroup
+
+
+class SpecOrCommand(TyperGroup):
+    """`<group> SPEC ...` means `<group> run SPEC ...`; `<group> <command> ...` stays."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
