@@ -429,7 +429,9 @@ class RayJobs:
         except PhysflowError:
             raise
         except AuthenticationError as exc:
-            if "required" in str(exc).lower():
+            # Without a token of ours, a refusal means one is needed (Ray's client may still
+            # have sent one it cached earlier in this process).
+            if self.token is None or "required" in str(exc).lower():
                 raise UserError(
                     f"{where} requires a token (401): set RAY_AUTH_TOKEN or "
                     f"RAY_AUTH_TOKEN_PATH, or put it in ~/.ray/auth_token"
