@@ -55,7 +55,7 @@ class Linas(BatchStrategy):
         ok = [(k, v) for k, v in self.seen.items() if v[0] < FAILED]
         if len(ok) < 2:
             return self._random_unseen(self.batch)
-        features = self.space.one_hot([self.space.from_key(k) for k, _ in ok])
+        features = self._features([self.space.from_key(k) for k, _ in ok])
         values = np.array([v for _, v in ok])
         predictors = {}
         for name in self.predicted_names:
@@ -66,9 +66,7 @@ class Linas(BatchStrategy):
         chosen = self._inner_search(predictors)
         if not chosen:
             chosen = self._random_unseen(self.batch)
-        self._predictions = {
-            n: p.predict(self.space.one_hot(chosen)) for n, p in predictors.items()
-        }
+        self._predictions = {n: p.predict(self._features(chosen)) for n, p in predictors.items()}
         return chosen
 
     def _advance(self, batch: list[Config], values: np.ndarray) -> None:
@@ -91,8 +89,20 @@ class Linas(BatchStrategy):
         for config, value in zip(batch, values, strict=True):
             self.seen[self.space.key(config)] = value
 
+    def _features(self, configs: list[Config]) -> np.ndarray:
+        """One-hot choices, plus the log of the counted measures (params, MACs) when the
+        super-network counts them: capacity is what a sub-network's error follows most,
+        and one-hot features can only express it as a sum of per-choice effects."""
+        onehot = self.space.one_hot(configs)
+        if not self.counted:
+            return onehot
+        counts = [self.counted(c) for c in configs]
+        names = sorted(counts[0]) if counts else []
+        capacity = np.log1p(np.array([[c[n] for n in names] for c in counts], dtype=float))
+        return np.hstack([onehot, capacity.reshape(len(configs), len(names))])
+
     def _objective_matrix(self, configs: list[Config], predictors) -> np.ndarray:
-        features = self.space.one_hot(configs)
+        features = self._features(configs)
         columns = []
         counts = [self.counted(c) for c in configs] if self.counted_names else []
         for name in self.objectives:
