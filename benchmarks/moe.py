@@ -140,16 +140,11 @@ def step_timing(root: str, size: dict) -> dict[str, float]:
     import ray
 
     from actors.experts import InProcessExperts, RayExperts
+    from flows.runtime import start_local_ray
 
     total = size["timing_points"]
     out = {}
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="warning",
-        log_to_driver=False,
-    )
+    start_local_ray(2)
     try:
         hc, initial = model_and_batch(root, size, "hc", total)
         hc.executor = RayExperts(hc.expert_config(), 1, cpus_per_expert=1.0)

@@ -168,13 +168,10 @@ def main() -> None:
 
     import ray
 
-    ray.init(
-        num_cpus=4,  # the synthetic evaluations sleep; 4 actors fit on any machine
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="warning",
-        log_to_driver=False,
-    )
+    from flows.runtime import start_local_ray
+
+    # the synthetic evaluations sleep; 4 actors fit on any machine
+    start_local_ray(4)
     rng = np.random.default_rng(0)
     n = 400 if args.quick else 1000
     durations = list(np.clip(rng.lognormal(np.log(40), 0.6, n), 5, 200))

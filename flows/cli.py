@@ -10,13 +10,13 @@ import functools
 import json
 import sys
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.cli_group import RayAddressOption, SetOption, SpecPath, StorageOption
 from flows.errors import PhysflowError
 
 app = typer.Typer(
@@ -49,16 +49,6 @@ KEY_METRICS = {
     "pbt": ["score", "best_score", "final_score", "exploits", "overhead_fraction"],
     "nas": ["hypervolume", "front_size", "failed", "validations_new", "pool_efficiency"],
 }
-
-SpecPath = Annotated[Path, typer.Argument(help="job spec (YAML)", show_default=False)]
-SetOption = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-s", help="override a spec key: key.path=value (repeatable)"),
-]
-StorageOption = Annotated[
-    str | None,
-    typer.Option("--storage", help="storage root URL [env: PHYSFLOW_STORAGE; default .physflow]"),
-]
 
 
 def reports_errors(command):
@@ -147,12 +137,6 @@ def preprocess(
     if m.skipped:
         out.print(f"  skipped {len(m.skipped)} bad samples (see the manifest's 'skipped')")
     out.print(f"  run  {run_id} (experiment preprocess)")
-
-
-RayAddressOption = Annotated[
-    str | None,
-    typer.Option(help="Ray cluster [env: RAY_ADDRESS; default: Ray started on this machine]"),
-]
 
 
 @app.command()

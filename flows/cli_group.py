@@ -1,4 +1,5 @@
-"""A typer command group whose first argument may be a spec instead of a sub-command.
+"""What the command modules share: the common arguments, and a group whose first argument
+may be a spec instead of a sub-command.
 
 `physflow pbt SPEC` and `physflow nas SPEC` run a job, while `physflow pbt replay ...` and
 `physflow nas export ...` are sub-commands of the same group. A click group cannot have
@@ -9,7 +10,25 @@ is taken as the spec of the group's `run` command.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
+import typer
 from typer.core import TyperGroup
+
+SpecPath = Annotated[Path, typer.Argument(help="job spec (YAML)", show_default=False)]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override a spec key: key.path=value (repeatable)"),
+]
+StorageOption = Annotated[
+    str | None,
+    typer.Option("--storage", help="storage root URL [env: PHYSFLOW_STORAGE; default .physflow]"),
+]
+RayAddressOption = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster [env: RAY_ADDRESS; default: Ray started on this machine]"),
+]
 
 
 class SpecOrCommand(TyperGroup):

@@ -14,7 +14,13 @@ from typing import Annotated
 
 import typer
 
-from flows.cli_group import SpecOrCommand
+from flows.cli_group import (
+    RayAddressOption,
+    SetOption,
+    SpecOrCommand,
+    SpecPath,
+    StorageOption,
+)
 
 
 def register(app, reports_errors, out, err) -> None:
@@ -30,22 +36,13 @@ def register(app, reports_errors, out, err) -> None:
     @nas_app.command("run")
     @reports_errors
     def run(
-        spec: Annotated[Path, typer.Argument(help="job spec (YAML)", show_default=False)],
-        set_: Annotated[
-            list[str] | None,
-            typer.Option("--set", "-s", help="override a spec key: key.path=value (repeatable)"),
-        ] = None,
+        spec: SpecPath,
+        set_: SetOption = None,
         resume: Annotated[
             bool, typer.Option(help="continue the search; nothing is validated twice")
         ] = False,
-        storage: Annotated[
-            str | None,
-            typer.Option(help="storage root URL [env: PHYSFLOW_STORAGE; default .physflow]"),
-        ] = None,
-        ray_address: Annotated[
-            str | None,
-            typer.Option(help="Ray cluster [env: RAY_ADDRESS; default: Ray on this machine]"),
-        ] = None,
+        storage: StorageOption = None,
+        ray_address: RayAddressOption = None,
     ) -> None:
         """Search a super-network's sub-networks (trains the super-network if none is given)."""
         from flows.cli import Progress
@@ -87,10 +84,7 @@ def register(app, reports_errors, out, err) -> None:
         out_path: Annotated[
             Path | None, typer.Option("--out", help="also save the module to this file")
         ] = None,
-        storage: Annotated[
-            str | None,
-            typer.Option(help="storage root URL [env: PHYSFLOW_STORAGE; default .physflow]"),
-        ] = None,
+        storage: StorageOption = None,
     ) -> None:
         """Save a front sub-network as a standalone torch module (torch.load to use it)."""
         from flows.nas import export_subnet

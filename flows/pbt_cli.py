@@ -9,12 +9,17 @@ that is not a sub-command name is the spec of `run`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from flows.cli_group import SpecOrCommand
+from flows.cli_group import (
+    RayAddressOption,
+    SetOption,
+    SpecOrCommand,
+    SpecPath,
+    StorageOption,
+)
 
 
 def register(app, reports_errors, out, err) -> None:
@@ -31,16 +36,13 @@ def register(app, reports_errors, out, err) -> None:
     @pbt_app.command("run")
     @reports_errors
     def run(
-        spec: Annotated[Path, typer.Argument(help="search spec (YAML)", show_default=False)],
-        set_: Annotated[
-            list[str] | None,
-            typer.Option("--set", "-s", help="override a spec key: key.path=value"),
-        ] = None,
+        spec: SpecPath,
+        set_: SetOption = None,
         resume: Annotated[
             bool, typer.Option(help="continue the search from its last committed round")
         ] = False,
-        storage: Annotated[str | None, typer.Option(help="storage root URL")] = None,
-        ray_address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+        storage: StorageOption = None,
+        ray_address: RayAddressOption = None,
     ) -> None:
         """Run a population-based search (or random, grid, explore/exploit-only)."""
         from flows.pbt import PbtSpec, run_pbt
@@ -82,8 +84,8 @@ def register(app, reports_errors, out, err) -> None:
         member: Annotated[
             int | None, typer.Option(min=0, help="member to replay [default: the winner]")
         ] = None,
-        storage: Annotated[str | None, typer.Option(help="storage root URL")] = None,
-        ray_address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+        storage: StorageOption = None,
+        ray_address: RayAddressOption = None,
     ) -> None:
         """Retrain one member's whole schedule (its ancestors' steps, then its own)."""
         from flows.pbt_replay import replay as run_replay

@@ -124,6 +124,22 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
 RAY_ADDRESS_VAR = "RAY_ADDRESS"
 
 
+def start_local_ray(num_cpus: int) -> str:
+    """A new Ray on this machine (never one already running here), on 127.0.0.1, without a
+    dashboard, quiet; returns its GCS address."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
+    return ray.get_runtime_context().gcs_address
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, enabled: bool = True) -> Iterator[None]:
     """Ray for the length of a job: joined at `address` / `RAY_ADDRESS` (a cluster with its
@@ -143,14 +159,7 @@ def ray_session(address: str | None = None, enabled: bool = True) -> Iterator[No
         if address:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         else:
-            ray.init(
-                address="local",  # a new local Ray even when another runs on this machine
-                num_cpus=os.cpu_count(),
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-                log_to_driver=False,
-                _node_ip_address="127.0.0.1",
-            )
+            start_local_ray(os.cpu_count() or 1)
     except ConnectionError as exc:
         raise UserError(f"Ray cluster {address}: cannot connect ({exc})") from None
     try:

@@ -10,6 +10,7 @@ from actors.constraint import LMOptions
 from actors.expert import ExpertConfig
 from actors.experts import InProcessExperts, RayExperts, solve_experts
 from actors.pinn import Partition, constraint_for
+from flows.runtime import start_local_ray
 
 ray = pytest.importorskip("ray")
 
@@ -47,13 +48,7 @@ def expert_params(seed: int = 0, batch: int = 2):
 
 @pytest.fixture
 def local_ray():
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="warning",
-        log_to_driver=False,
-    )
+    start_local_ray(2)
     yield
     ray.shutdown()
 

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from actors.nas import ElasticMLP, EvaluatorPool, SyntheticEvaluator, digits_splits, load_supernet
 from flows.cli import app
 from flows.nas import SearchFolder
+from flows.runtime import start_local_ray
 from flows.storage import Storage
 
 ray = pytest.importorskip("ray")
@@ -41,13 +42,8 @@ def physflow(*args):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(
-        num_cpus=4,  # the synthetic evaluations sleep: four actors fit on two cores
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level="warning",
-        log_to_driver=False,
-    )
+    # the synthetic evaluations sleep: four actors fit on two cores
+    start_local_ray(4)
     yield
     ray.shutdown()
 

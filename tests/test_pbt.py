@@ -4,7 +4,6 @@ crashed and a hung member, a killed driver resumed, the CLI and its user errors.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.pbt import PbtSpec, run_pbt
+from flows.runtime import start_local_ray
 from flows.spec import load_spec
 from flows.storage import Storage
 
@@ -31,15 +31,7 @@ def ray_local():
     """One small local Ray for the module (not any cluster already on this machine)."""
     import ray
 
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-        _node_ip_address="127.0.0.1",
-    )
-    yield ray.get_runtime_context().gcs_address
+    yield start_local_ray(2)
     ray.shutdown()
 
 

@@ -4,13 +4,13 @@ checkpoints that someone may still load left in the bucket."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import mlflow
 import pytest
 
 from flows.pbt import PbtSpec, run_pbt
+from flows.runtime import start_local_ray
 from flows.spec import load_spec
 from flows.storage import Storage
 
@@ -22,14 +22,7 @@ def ray_with_s3_credentials(s3):
     """Ray started after the S3 store, so that member processes inherit its credentials."""
     import ray
 
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-        _node_ip_address="127.0.0.1",
-    )
+    start_local_ray(2)
     yield
     ray.shutdown()
 

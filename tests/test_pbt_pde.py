@@ -4,14 +4,13 @@ model registered."""
 
 from __future__ import annotations
 
-import logging
-
 import mlflow
 import pytest
 
 from flows.pbt import PbtSpec, run_pbt
 from flows.pbt_replay import replay
 from flows.preprocess import PreprocessSpec, run_preprocess
+from flows.runtime import start_local_ray
 from flows.storage import Storage
 from tests.test_train import DATA
 
@@ -20,14 +19,7 @@ from tests.test_train import DATA
 def ray_local():
     import ray
 
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-        _node_ip_address="127.0.0.1",
-    )
+    start_local_ray(2)
     yield
     ray.shutdown()
 

@@ -89,22 +89,24 @@ class Linas(BatchStrategy):
         for config, value in zip(batch, values, strict=True):
             self.seen[self.space.key(config)] = value
 
-    def _features(self, configs: list[Config]) -> np.ndarray:
+    def _features(self, configs: list[Config], counts: list[dict] | None = None) -> np.ndarray:
         """One-hot choices, plus the log of the counted measures (params, MACs) when the
         super-network counts them: capacity is what a sub-network's error follows most,
-        and one-hot features can only express it as a sum of per-choice effects."""
+        and one-hot features can only express it as a sum of per-choice effects.
+        `counts`: the configs' counted measures, when the caller has them already."""
         onehot = self.space.one_hot(configs)
         if not self.counted:
             return onehot
-        counts = [self.counted(c) for c in configs]
+        if counts is None:
+            counts = [self.counted(c) for c in configs]
         names = sorted(counts[0]) if counts else []
         capacity = np.log1p(np.array([[c[n] for n in names] for c in counts], dtype=float))
         return np.hstack([onehot, capacity.reshape(len(configs), len(names))])
 
     def _objective_matrix(self, configs: list[Config], predictors) -> np.ndarray:
-        features = self._features(configs)
+        counts = [self.counted(c) for c in configs] if self.counted else None
+        features = self._features(configs, counts)
         columns = []
-        counts = [self.counted(c) for c in configs] if self.counted_names else []
         for name in self.objectives:
             if name in predictors:
                 columns.append(predictors[name].predict(features))
