@@ -47,6 +47,8 @@ import yaml
 from flows.errors import JobFailure, PhysflowError, UserError
 from flows.spec import Spec, apply_overrides, read_yaml, validate
 
+log = logging.getLogger(__name__)
+
 # The jobs a spec can be submitted as, and where each one's spec model lives.
 JOB_SPECS = {
     "preprocess": "flows.preprocess:PreprocessSpec",
@@ -55,6 +57,9 @@ JOB_SPECS = {
     "pbt": "flows.pbt:PbtSpec",
     "nas": "flows.nas:NASSpec",
 }
+# What a head answers while its job agent is still starting, and how long to keep asking.
+NO_AGENT = "No available agent"
+AGENT_WAIT_S = 60.0
 # Settings a job needs to find the same MLflow and storage as this shell. Not secrets.
 PASSED_ENV = (
     "MLFLOW_TRACKING_URI",
@@ -360,13 +365,23 @@ class RayJobs:
                 "excludes": ["__pycache__", "*.pyc"],
                 "env_vars": dict(sub.env),
             }
-            with self._errors(sub.submission_id):
-                return self.client.submit_job(
-                    entrypoint=sub.entrypoint(),
-                    submission_id=sub.submission_id,
-                    runtime_env=runtime_env,
-                    metadata=dict(sub.metadata),
-                )
+            deadline = time.monotonic() + AGENT_WAIT_S
+            while True:
+                try:
+                    with self._errors(sub.submission_id):
+                        return self.client.submit_job(
+                            entrypoint=sub.entrypoint(),
+                            submission_id=sub.submission_id,
+                            runtime_env=runtime_env,
+                            metadata=dict(sub.metadata),
+                        )
+                except JobFailure as exc:
+                    # A head that has just started answers before its job agent has
+                    # registered; Ray asks to try again later. Nothing was submitted.
+                    if NO_AGENT not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    log.info("%s: the job agent is not up yet; retrying", self.address)
+                    time.sleep(1.0)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

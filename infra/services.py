@@ -321,11 +321,31 @@ def start_ray_head(
         stop_timeout_s=3.0,
     )
     try:
+        deadline = time.monotonic() + timeout_s
         _wait_ray_jobs_api(url, token, timeout_s, process)
+        agent = f"http://{HOST}:{ports['dashboard-agent-listen-port']}/api/healthz"
+        _wait_http(agent, deadline - time.monotonic(), process, "Ray's dashboard agent")
     except BaseException:
         service.stop()
         raise
     return service
+
+
+def _wait_http(url: str, timeout_s: float, process: subprocess.Popen, what: str) -> None:
+    """Poll `url` until it answers 200 (the head node's job agent: Ray's Jobs API refuses
+    submissions with "no available agent" until it is up)."""
+    deadline = time.monotonic() + max(timeout_s, 1.0)
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: Ray head exited with code {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url}: {what} not ready within {timeout_s:.0f} s")
 
 
 def _wait_ray_jobs_api(url: str, token: str, timeout_s: float, process: subprocess.Popen) -> None:
