@@ -68,7 +68,8 @@ class ExpertSolver:
         omega_bar: torch.Tensor,
     ) -> dict[str, Any]:
         """Gradients w.r.t. params of <omega_bar, omega(params)> by the implicit function
-        theorem at the given solution."""
+        theorem at the given solution; a row matrix's gradient may come as its `RowOuter`
+        factors (`actors.constraint.residual.dense` expands it)."""
         t0 = time.perf_counter()
         stats: dict[str, int] = {}
         grads = implicit_vjp(
@@ -77,9 +78,10 @@ class ExpertSolver:
             self._to_device(params),
             omega_bar.to(self.device, torch.float64),
             stats=stats,
+            factored=True,  # row matrices' cotangents as rank-2 factors: N / 2 times smaller
         )
         return {
-            "grads": tuple(g.cpu() for g in grads),
+            "grads": tuple(g.to("cpu") for g in grads),
             "diagnostics": {**stats, "seconds": time.perf_counter() - t0},
             "incarnation": self.incarnation,
         }

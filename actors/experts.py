@@ -22,8 +22,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
+from actors.constraint.residual import dense
 from actors.expert import ExpertConfig, ExpertSolver
 
 Params = tuple[torch.Tensor, ...]
@@ -143,7 +145,9 @@ class RayExperts:
         import ray
 
         t0 = time.perf_counter()
-        refs = [ray.put(p) for p in params]  # each expert receives only its own slice
+        # Each expert receives only its own slice, as NumPy arrays: Ray stores those as
+        # raw buffers (a pickled torch tensor costs ~5x as much to put and to read).
+        refs = [ray.put(to_wire(p)) for p in params]
         results = ray.get([a.solve.remote(r) for a, r in zip(self.actors, refs, strict=True)])
         self._note(results)
         return Solved(
@@ -191,11 +195,11 @@ class ExpertActor:
         self.solver = ExpertSolver(config, device)
         self.gpu_ids = [str(g) for g in gpu_ids]
 
-    def solve(self, params: Params) -> dict[str, Any]:
-        return self.solver.solve(params)
+    def solve(self, params: tuple[np.ndarray, ...]) -> dict[str, Any]:
+        return self.solver.solve(from_wire(params))
 
-    def vjp(self, params: Params, omega, omega_bar) -> dict[str, Any]:
-        return self.solver.vjp(params, omega, omega_bar)
+    def vjp(self, params: tuple[np.ndarray, ...], omega, omega_bar) -> dict[str, Any]:
+        return self.solver.vjp(from_wire(params), omega, omega_bar)
 
     def where(self) -> dict[str, Any]:
         import ray
@@ -205,6 +209,17 @@ class ExpertActor:
             "node_id": ray.get_runtime_context().get_node_id(),
             "gpu_ids": self.gpu_ids,
         }
+
+
+def to_wire(params: Params) -> tuple[np.ndarray, ...]:
+    """An expert's params as NumPy arrays for the object store."""
+    return tuple(p.detach().cpu().contiguous().numpy() for p in params)
+
+
+def from_wire(arrays: tuple[np.ndarray, ...]) -> Params:
+    """Back to tensors. The object store's arrays are read-only views of shared memory:
+    copied, so that nothing can write into them."""
+    return tuple(torch.from_numpy(np.array(a, copy=True)) for a in arrays)
 
 
 class ExpertsFunction(torch.autograd.Function):
@@ -226,7 +241,7 @@ class ExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *omega_bars):
         grads = ctx.executor.vjp(ctx.token, ctx.omegas, [g.contiguous() for g in omega_bars])
-        flat = [g for per_expert in grads for g in per_expert]
+        flat = [dense(g) for per_expert in grads for g in per_expert]
         return (None, None, None, *(g.to(dt) for g, dt in zip(flat, ctx.dtypes, strict=True)))
 
 

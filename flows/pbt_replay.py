@@ -73,6 +73,13 @@ def replay(
     seed, segments = lineage.schedule(member)
     total = segments[-1].end if segments else 0
     t0 = time.perf_counter()
+    # A member ran in a Ray actor, whose torch uses as many threads as the actor's whole
+    # CPUs (at least one): the same count here, or reductions sum in another order and
+    # the replay drifts from the record.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(spec.resources.member_cpus or 1)))
     with ray_session(ray_address, enabled=pde_experts(spec) > 0):
         trainer = builder(seed, options)
         try:
@@ -92,6 +99,7 @@ def replay(
             close = getattr(trainer, "close", None)
             if close is not None:
                 close()
+            torch.set_num_threads(threads)
     if spec.metric not in final:
         raise UserError(f"metric: {spec.metric!r} is not in the trainable's report")
     recorded = (

@@ -9,6 +9,7 @@ float64 on small grids.
 
 from __future__ import annotations
 
+import itertools
 import math
 import pickle
 
@@ -225,6 +226,27 @@ def test_spectral_conv_applies_a_complex_weight_analytically():
         out = conv(plane_wave(grid, k)[None, None])[0, 0]
         expected = a * plane_wave(grid, k) - b * plane_wave(grid, k, -math.pi / 2)
         assert torch.allclose(out, expected, atol=1e-12), k
+
+
+@pytest.mark.parametrize("grid", [(9, 12), (5, 8, 6), (20, 33)])
+def test_spectral_conv_equals_the_fft_definition(grid):
+    """Random complex weights, mixed channels: the kept-rows DFT products give what rfftn,
+    a zero-filled spectrum with the kept modes mixed, and irfftn give."""
+    torch.manual_seed(1)
+    dims, modes = len(grid), 3
+    conv = SpectralConv(dims, 2, 3, modes).double()
+    x = torch.randn(2, 2, *grid, dtype=F64)
+    axes = tuple(range(2, 2 + dims))
+    spectrum = torch.fft.rfftn(x, dim=axes)
+    out = torch.zeros(2, 3, *spectrum.shape[2:], dtype=spectrum.dtype)
+    weight = torch.view_as_complex(conv.weight)
+    wavenumbers = [range(-(modes - 1), modes)] * (dims - 1) + [range(modes)]
+    for k in itertools.product(*wavenumbers):
+        at = tuple(ki % n for ki, n in zip(k, grid[:-1], strict=False)) + (k[-1],)
+        w = weight[(slice(None), slice(None), *(ki % (2 * modes - 1) for ki in k[:-1]), k[-1])]
+        out[(slice(None), slice(None), *at)] = spectrum[(slice(None), slice(None), *at)] @ w
+    expected = torch.fft.irfftn(out, s=grid, dim=axes)
+    assert torch.allclose(conv(x), expected, atol=1e-12)
 
 
 def test_fno_rejects_bad_arguments():

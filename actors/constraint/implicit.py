@@ -47,7 +47,7 @@ from actors.constraint.levenberg_marquardt import (
     initial_omega,
     levenberg_marquardt,
 )
-from actors.constraint.residual import normal_terms
+from actors.constraint.residual import RowOuter, dense, normal_terms
 from actors.constraint.solution import LMOptions, LMSolution, SolverError
 
 
@@ -58,8 +58,12 @@ def optimality(residual_fn: ResidualFn, omega: Tensor, params: tuple[Tensor, ...
     return g
 
 
-def _adjoint(residual_fn, omega, params, omega_bar, wrt) -> tuple[list, dict[str, int]]:
-    """theta_bar for the params flagged in wrt (None for the others), and the counts."""
+def _adjoint(
+    residual_fn, omega, params, omega_bar, wrt, factored: bool = False
+) -> tuple[list, dict[str, int]]:
+    """theta_bar for the params flagged in wrt (None for the others), and the counts.
+    With `factored`, row matrices' cotangents stay `RowOuter` factors where the residual's
+    closed form gives them."""
     omega, omega_bar = omega.detach(), omega_bar.detach()
     params = tuple(p.detach() for p in params)
     n = omega.shape[-1]
@@ -84,12 +88,19 @@ def _adjoint(residual_fn, omega, params, omega_bar, wrt) -> tuple[list, dict[str
 
     if getattr(residual_fn, "pullback", None) is not None:
         pulled = _pull_closed_form(residual_fn, omega, params, lam, index)
+        if not factored:
+            pulled = [dense(g) for g in pulled]
     else:
         pulled = _pull_generic(residual_fn, omega, params, lam, index)
     all_ok = bool(ok.all())  # lambda is already zero where not ok; this catches inf * 0
     for i, gi in zip(index, pulled, strict=True):
-        mask = ok.reshape((-1,) + (1,) * (gi.dim() - 1))
-        grads[i] = gi if all_ok else torch.where(mask, gi, torch.zeros_like(gi))
+        if all_ok:
+            grads[i] = gi
+        elif isinstance(gi, RowOuter):
+            grads[i] = gi.where(ok)
+        else:
+            mask = ok.reshape((-1,) + (1,) * (gi.dim() - 1))
+            grads[i] = torch.where(mask, gi, torch.zeros_like(gi))
     return grads, stats
 
 
@@ -101,7 +112,7 @@ def _hessian(residual_fn, omega: Tensor, params: tuple[Tensor, ...]) -> Tensor:
     return vmap(jacfwd(lambda w, p: optimality(residual_fn, w, p)))(omega, params)
 
 
-def _pull_closed_form(residual_fn, omega, params, lam, index) -> list[Tensor]:
+def _pull_closed_form(residual_fn, omega, params, lam, index) -> list[Tensor | RowOuter]:
     """(dg/dtheta)^T lambda for the flagged params from the residual's closed form;
     zeros for the params it does not differentiate."""
     pulled = residual_fn.pullback(omega, params, lam)
@@ -130,9 +141,12 @@ def implicit_vjp(
     params: tuple[Tensor, ...],
     omega_bar: Tensor,
     stats: dict | None = None,
-) -> tuple[Tensor, ...]:
+    factored: bool = False,
+) -> tuple[Tensor | RowOuter, ...]:
     """theta_bar (same shapes as params) of the solution omega (P, N) for the cotangent
     omega_bar (P, N), by the implicit function theorem at omega (assumed a minimiser).
+    With `factored`, a row matrix's cotangent from a closed-form pullback comes as its
+    `RowOuter` factors (N / 2 times smaller; `dense()` expands it).
 
     Non-floating params (e.g. index tensors) get zeros. Problems with a singular or
     non-finite H get zero gradients; if `stats` is a dict it receives
@@ -143,7 +157,7 @@ def implicit_vjp(
         got = tuple(omega_bar.shape) if isinstance(omega_bar, Tensor) else type(omega_bar)
         raise ValueError(f"omega_bar: expected shape {tuple(omega.shape)}, got {got}")
     wrt = [p.is_floating_point() or p.is_complex() for p in params]
-    grads, counts = _adjoint(residual_fn, omega, params, omega_bar, wrt)
+    grads, counts = _adjoint(residual_fn, omega, params, omega_bar, wrt, factored)
     if stats is not None:
         stats.update(counts)
     pairs = zip(params, grads, strict=True)

@@ -42,7 +42,8 @@ class ClosedFormResidual:
     * `pullback(omega (P, N), params, lam (P, N)) -> per param (d(J^T r)/d param)^T lam`,
       or None for a param that is not differentiated (the PDE's constants: they come from
       the spec, never from the network). With F = sum_i r_i s_i, s = J lam, each row
-      matrix's gradient is a sum of two outer products alpha_i omega^T + beta_i lam^T.
+      matrix's gradient is a sum of two outer products alpha_i omega^T + beta_i lam^T,
+      returned as their factors (`RowOuter`).
 
     An instance lives at module level under `name` in the module of
     its functions, and pickles as a reference to it (like a function), so every process
@@ -77,10 +78,47 @@ def normal_terms(r: Tensor, blocks: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]
     return grad, normal
 
 
-def outer_rows(alpha: Tensor, omega: Tensor, beta: Tensor, lam: Tensor) -> Tensor:
-    """alpha_i omega^T + beta_i lam^T per row, batched: (P, m), (P, N) x2 -> (P, m, N)."""
-    # one rank-2 batched matmul: a single (P, m, N) result, no temporaries of that size
-    return torch.stack([alpha, beta], dim=-1) @ torch.stack([omega, lam], dim=-2)
+@dataclass(frozen=True)
+class RowOuter:
+    """alpha_i omega^T + beta_i lam^T per row, kept as its factors: `coefficients`
+    (P, m, 2) = [alpha, beta] and `vectors` (P, 2, N) = [omega; lam].
+
+    A row matrix's cotangent is rank 2 per problem, so the factors are N / 2 times smaller
+    than the (P, m, N) they stand for: an expert on another process or node sends these
+    back and the driver expands them (`dense`) where the gradient is consumed."""
+
+    coefficients: Tensor
+    vectors: Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.coefficients.shape[:-1], self.vectors.shape[-1]))
+
+    def dense(self) -> Tensor:
+        # one rank-2 batched matmul: a single (P, m, N) result, no temporaries of that size
+        return self.coefficients @ self.vectors
+
+    def where(self, ok: Tensor) -> RowOuter:
+        """Zero for the problems where `ok` (P,) is False, whatever their factors hold."""
+        keep = ok.reshape(-1, 1, 1)
+        return RowOuter(
+            torch.where(keep, self.coefficients, torch.zeros_like(self.coefficients)),
+            torch.where(keep, self.vectors, torch.zeros_like(self.vectors)),
+        )
+
+    def to(self, *args, **kwargs) -> RowOuter:
+        return RowOuter(self.coefficients.to(*args, **kwargs), self.vectors.to(*args, **kwargs))
+
+
+def outer_rows(alpha: Tensor, omega: Tensor, beta: Tensor, lam: Tensor) -> RowOuter:
+    """alpha_i omega^T + beta_i lam^T per row, batched: (P, m), (P, N) x2 -> the factors of
+    the (P, m, N) result (`RowOuter.dense()` builds it)."""
+    return RowOuter(torch.stack([alpha, beta], dim=-1), torch.stack([omega, lam], dim=-2))
+
+
+def dense(value: Tensor | RowOuter) -> Tensor:
+    """A cotangent as a plain tensor, whichever form it came in."""
+    return value.dense() if isinstance(value, RowOuter) else value
 
 
 def quadratic_form(left: Tensor, weight: Tensor, right: Tensor) -> Tensor:

@@ -67,7 +67,7 @@ from actors.pinn.stencils import (
     grid_values,
     lagrange_weights,
     second_derivative,
-    trace,
+    traces,
 )
 
 INLET_CONCENTRATION = 1.0  # u(0, t)
@@ -280,18 +280,23 @@ class DiffusionSorptionConstraint:
 
     def derivatives(self, basis: Tensor, grids) -> dict[str, Tensor]:
         """basis (B, N, nt, nx) -> {"u", "u_tau", "u_xx"}: (B, N, nt, nx) each, and the face
-        traces {"u_left", "u_right", "ux_right"}: (B, N, nt) each (u_tau = du/d(t / T))."""
+        traces {"u_left", "u_right", "ux_right"}: (B, N, nt) each (u_tau = du/d(t / T)), and
+        "u_start", the initial time level (B, N, nx)."""
         if not isinstance(basis, Tensor) or basis.ndim != 4:
             raise ValueError("basis must be a (B, N, nt, nx) tensor")
         g = self._geometry(grids, basis.shape[2:])
         nx = basis.shape[-1]
+        faces = traces(
+            basis,
+            [(g["left_value"], 0), (g["right_value"], nx - 3), (g["right_slope"], nx - 3)],
+            axis=-1,
+        )  # (B, N, nt, 3)
         return {
             "u": basis,
+            "u_start": basis.select(-2, 0),  # (B, N, nx): t = 0, cut once for every expert
             "u_tau": first_derivative(basis, g["dtau"], axis=-2),
             "u_xx": second_derivative(basis, g["dx"], axis=-1),
-            "u_left": trace(basis, g["left_value"], 0, axis=-1),
-            "u_right": trace(basis, g["right_value"], nx - 3, axis=-1),
-            "ux_right": trace(basis, g["right_slope"], nx - 3, axis=-1),
+            **dict(zip(("u_left", "u_right", "ux_right"), faces.unbind(-1), strict=True)),
         }
 
     def pde_residual(self, u: Tensor, u_tau: Tensor, u_xx: Tensor) -> Tensor:
@@ -381,7 +386,7 @@ class DiffusionSorptionConstraint:
             rows = [r * settled for r in rows]  # zero rows: no say in the solve
         lin_rows, lin_target = [], []
         if st.start == 0:  # initial condition at this block's cells
-            lin_rows.append(basis[:, :, 0, sx].transpose(1, 2))  # (B, n_x, N)
+            lin_rows.append(derivs["u_start"][:, :, sx].transpose(1, 2))  # (B, n_x, N)
             lin_target.append(initial[:, sx].to(basis.device, dtype))
         times = slice(max(st.start, 1), st.stop)  # boundary rows for t > 0 only
         n_times = max(times.stop - times.start, 0)

@@ -9,7 +9,9 @@ the same grid:
     project (pointwise linear width -> 2 width, GELU, linear -> C_out)
 
 Spectral convolution. rfftn over the grid axes, multiply the retained low modes by a
-learned complex matrix per mode (width x width), zero every other mode, irfftn back.
+learned complex matrix per mode (width x width), zero every other mode, irfftn back. Only
+the retained modes are ever computed: each transform is a product with the kept rows of
+the DFT matrix, cheaper than FFTs of every mode when few are kept (the usual case).
 Retained modes: wavenumbers |k| < modes along each full-FFT axis (2 modes - 1 of them)
 and 0 <= k < modes along the last (half-spectrum) axis. Keeping a set symmetric in k
 means a real weight maps a real field to the real field with the high modes removed; the
@@ -31,6 +33,8 @@ turns the whole network to float64 (complex parameters would stay complex64).
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -71,45 +75,85 @@ class SpectralConv(nn.Module):
                 f"x must be (B, {self.in_channels}, {self.dims} grid axes), got {tuple(x.shape)}"
             )
         grid = tuple(x.shape[2:])
-        axes = tuple(range(2, 2 + self.dims))
-        spectrum = torch.fft.rfftn(x, dim=axes)  # (B, C_in, n_1, ..., n_d // 2 + 1)
+        m, last = self.modes, 1 + self.dims
         weight = torch.view_as_complex(self.weight)  # (C_in, C_out, 2m-1, ..., m)
-        m = self.modes
-        block = spectrum
-        for a in range(self.dims - 1):  # full-FFT axes: k = 0..q-1 and -(q-1)..-1
+        # the kept modes of x: the last (half-spectrum) axis by two real products, then
+        # each full axis by a complex one
+        q_last = _kept(grid[-1], m)
+        pairs = _matmul(x, _forward_last(grid[-1], q_last, x.dtype, x.device))  # (..., 2 q)
+        block = torch.view_as_complex(pairs.unflatten(-1, (q_last, 2)))  # (..., q_last)
+        for a in range(self.dims - 1):
             q = _kept(grid[a], m)
-            n = grid[a]
-            block = torch.cat(
-                [block.narrow(2 + a, 0, q), block.narrow(2 + a, n - (q - 1), q - 1)], 2 + a
-            )
+            block = _along(block, 2 + a, _forward_full(grid[a], q, block.dtype, x.device))
             weight = torch.cat(
                 [weight.narrow(2 + a, 0, q), weight.narrow(2 + a, 2 * m - 1 - (q - 1), q - 1)],
                 2 + a,
             )
-        q_last = _kept(grid[-1], m)
-        block = block.narrow(-1, 0, q_last)
-        weight = weight.narrow(-1, 0, q_last)
+        weight = weight.narrow(last, 0, q_last)
         mixed = torch.einsum("bi...,io...->bo...", block, weight)  # (B, C_out, kept modes)
-
-        # scatter the kept modes back into an otherwise zero spectrum
-        def zeros(axis: int, count: int) -> Tensor:
-            shape = list(mixed.shape)
-            shape[axis] = count
-            return mixed.new_zeros(shape)
-
-        last = grid[-1] // 2 + 1
-        mixed = torch.cat([mixed, zeros(-1, last - q_last)], -1)
+        # back: each full axis, then the real part of the half-spectrum sum
         for a in range(self.dims - 1):
-            q, n = _kept(grid[a], m), grid[a]
-            mixed = torch.cat(
-                [
-                    mixed.narrow(2 + a, 0, q),
-                    zeros(2 + a, n - 2 * q + 1),
-                    mixed.narrow(2 + a, q, q - 1),
-                ],
-                2 + a,
-            )
-        return torch.fft.irfftn(mixed, s=grid, dim=axes)  # (B, C_out, *grid)
+            q = _kept(grid[a], m)
+            mixed = _along(mixed, 2 + a, _inverse_full(grid[a], q, mixed.dtype, x.device))
+        pairs = torch.view_as_real(mixed.contiguous()).flatten(-2)  # (..., 2 q_last)
+        return _matmul(pairs, _inverse_last(grid[-1], q_last, x.dtype, x.device))
+
+
+# The spectral convolution keeps a few modes of grids of a few hundred points: its
+# transforms are products with the few rows of the DFT matrix that are kept (O(n q) per
+# line instead of the FFT's O(n log n) over every mode, and no zero-filled spectrum).
+# Same conventions as rfftn / irfftn: the forward unscaled, the inverse divided by n.
+
+
+def _matmul(x: Tensor, matrix: Tensor) -> Tensor:
+    """x (..., n_in) @ matrix (n_in, n_out) as one 2-D product of a contiguous x (a batched
+    product over strided views is many times slower, for complex numbers most of all)."""
+    lead = x.shape[:-1]
+    return (x.reshape(-1, x.shape[-1]) @ matrix).reshape(*lead, matrix.shape[-1])
+
+
+def _along(x: Tensor, axis: int, matrix: Tensor) -> Tensor:
+    """Apply `matrix` (n_in, n_out) along `axis` of x."""
+    return _matmul(x.movedim(axis, -1), matrix).movedim(-1, axis)
+
+
+def _full_wavenumbers(q: int) -> Tensor:
+    """k = 0..q-1 then -(q-1)..-1: the kept modes of a full (complex) FFT axis."""
+    return torch.cat([torch.arange(q), torch.arange(-(q - 1), 0)]).to(torch.float64)
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_last(n: int, q: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(n, 2q): columns cos, -sin of 2 pi k i / n interleaved per k, so that x @ it is the
+    real and imaginary parts of rfft(x)[:q] side by side (`view_as_complex` order)."""
+    angle = 2 * math.pi * torch.outer(torch.arange(n, dtype=torch.float64), torch.arange(q)) / n
+    return torch.stack([angle.cos(), -angle.sin()], dim=-1).flatten(-2).to(device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _inverse_last(n: int, q: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(2q, n) with [Re X, Im X] interleaved per k @ it = Re(sum_k c_k X_k e^{2 pi i k j / n})
+    / n, the irfft of the q kept modes: mode 0 once, the others twice (their conjugates
+    are the dropped half)."""
+    angle = 2 * math.pi * torch.outer(torch.arange(q, dtype=torch.float64), torch.arange(n)) / n
+    weight = torch.full((q, 1), 2.0 / n, dtype=torch.float64)
+    weight[0] = 1.0 / n
+    rows = torch.stack([weight * angle.cos(), -weight * angle.sin()], dim=1)  # (q, 2, n)
+    return rows.flatten(0, 1).to(device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _forward_full(n: int, q: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """exp(-2 pi i k j / n) for j < n and the kept k -> (n, 2q - 1) complex."""
+    angle = -2 * math.pi * torch.outer(torch.arange(n, dtype=torch.float64), _full_wavenumbers(q))
+    return torch.polar(torch.ones_like(angle), angle / n).to(device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _inverse_full(n: int, q: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """exp(2 pi i k j / n) / n for the kept k and j < n -> (2q - 1, n) complex."""
+    angle = 2 * math.pi * torch.outer(_full_wavenumbers(q), torch.arange(n, dtype=torch.float64))
+    return torch.polar(torch.full_like(angle, 1.0 / n), angle / n).to(device, dtype)
 
 
 class FNO(nn.Module):

@@ -44,12 +44,51 @@ def assemble(basis: Tensor, omegas: Sequence[Tensor], partition: Partition) -> T
         if not isinstance(omega, Tensor) or tuple(omega.shape) != (batch, n_basis):
             shape = tuple(omega.shape) if isinstance(omega, Tensor) else type(omega).__name__
             raise ValueError(f"omegas[{k}] must be ({batch}, {n_basis}), got {shape}")
-    # Each point's omega, picked from the stacked (B, N, K) by its owner: one product over
-    # the whole grid. Its backward writes the basis' gradient once, where per-block slices
-    # would each zero-fill a copy of the whole grid for autograd to sum.
-    stacked = torch.stack([w.to(basis.device, basis.dtype) for w in omegas], dim=-1)
-    per_point = stacked[..., partition.owner.to(basis.device)]  # (B, N, *grid)
-    return (basis * per_point).sum(1)  # (B, *grid)
+    omegas = [w.to(basis.device, basis.dtype) for w in omegas]
+    blocks = tuple(partition.slices(k) for k in range(partition.num_experts))
+    return _Assemble.apply(basis, blocks, *omegas)  # (B, *grid)
+
+
+class _Assemble(torch.autograd.Function):
+    """u[block k] = sum_n basis[:, n, block k] omega_k[:, n], block by block.
+
+    The blocks tile the grid, so the forward writes each point of u once and the backward
+    each point of the basis' gradient once: no per-point copy of the omegas, and no
+    zero-filled whole-grid copy per block for autograd to sum."""
+
+    @staticmethod
+    def forward(ctx, basis: Tensor, blocks: tuple, *omegas: Tensor) -> Tensor:
+        ctx.blocks = blocks
+        ctx.save_for_backward(basis, *omegas)
+        u = basis.new_empty((basis.shape[0], *basis.shape[2:]))
+        for block, omega in zip(blocks, omegas, strict=True):
+            where = (slice(None), *block)
+            b = basis[(slice(None), slice(None), *block)]  # (B, N, *block)
+            # multiply and reduce: einsum would first copy the strided block contiguous
+            torch.sum(b * _spread(omega, b), dim=1, out=u[where])
+        return u
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        basis, *omegas = ctx.saved_tensors
+        grad_basis = torch.empty_like(basis) if ctx.needs_input_grad[0] else None
+        grad_omegas = []
+        for k, (block, omega) in enumerate(zip(ctx.blocks, omegas, strict=True)):
+            g = grad[(slice(None), *block)]  # (B, *block)
+            b = basis[(slice(None), slice(None), *block)]  # (B, N, *block)
+            if grad_basis is not None:
+                out = grad_basis[(slice(None), slice(None), *block)]
+                torch.mul(g.unsqueeze(1), _spread(omega, b), out=out)
+            if ctx.needs_input_grad[2 + k]:
+                grad_omegas.append((g.unsqueeze(1) * b).sum(tuple(range(2, b.ndim))))
+            else:
+                grad_omegas.append(None)
+        return grad_basis, None, *grad_omegas
+
+
+def _spread(omega: Tensor, like: Tensor) -> Tensor:
+    """omega (B, N) -> (B, N, 1, ..., 1) to broadcast over `like`'s grid axes."""
+    return omega.reshape(*omega.shape, *([1] * (like.ndim - 2)))
 
 
 class _FieldNetwork(nn.Module):

@@ -192,7 +192,8 @@ class NavierStokesConstraint:
 
     def derivatives(self, basis: Tensor, grids) -> dict[str, Tensor]:
         """basis (B, N, nt, nx, ny) -> {"w", "w_t", "w_x", "w_y", "lap", "u", "v"}, each
-        (B, N, nt, nx, ny); (u, v) is the velocity of each basis function on its own."""
+        (B, N, nt, nx, ny); (u, v) is the velocity of each basis function on its own; and
+        "w_start", the initial time level (B, N, nx, ny)."""
         if not isinstance(basis, Tensor) or basis.ndim != 5:
             raise ValueError("basis must be a (B, N, nt, nx, ny) tensor")
         nt, nx, ny = self.grid_shape(grids)
@@ -216,6 +217,7 @@ class NavierStokesConstraint:
 
         return {
             "w": basis,
+            "w_start": basis.select(-3, 0),  # (B, N, nx, ny): t = 0, cut once for every expert
             "w_t": first_derivative(basis, dt, axis=-3),
             "w_x": back(ikx * spectrum),
             "w_y": back(iky * spectrum),
@@ -247,7 +249,7 @@ class NavierStokesConstraint:
     ) -> dict[str, Tensor]:
         """Every field as b·ω_k inside each sub-domain: the spectral derivatives of the
         basis, not of the assembled w, whose jumps between experts would ring globally."""
-        return {k: assemble(v, omegas, partition) for k, v in derivs.items()}
+        return {k: assemble(v, omegas, partition) for k, v in derivs.items() if k != "w_start"}
 
     def fields_loss(self, fields: dict[str, Tensor], initial: Tensor) -> Tensor:
         """The loss from w's fields (each (B, nt, nx, ny))."""
@@ -290,7 +292,7 @@ class NavierStokesConstraint:
             rows = {key: gather_rows(derivs[key], points) for key in _ROW_KEYS}
         rows = [rows[key] for key in _ROW_KEYS]
         if st.start == 0:
-            ic = basis[:, :, 0, sx, sy].reshape(batch, n_basis, -1).transpose(1, 2)
+            ic = derivs["w_start"][:, :, sx, sy].reshape(batch, n_basis, -1).transpose(1, 2)
             target = initial[:, sx, sy].reshape(batch, -1).to(basis.device, dtype)
         else:
             ic = basis.new_zeros((batch, 0, n_basis))

@@ -18,7 +18,9 @@ def gather_rows(field: Tensor, points: Tensor) -> Tensor:
     """field (B, N, *grid), points (m,) or (B, m) flat grid indices -> rows (B, m, N)."""
     flat = field.reshape(field.shape[0], field.shape[1], -1)  # (B, N, P)
     if points.ndim == 1:
-        return flat[:, :, points].transpose(1, 2)
+        # index_select's backward is an index_add; advanced indexing's, a sorting
+        # accumulate-put about twice as slow
+        return flat.index_select(2, points).transpose(1, 2)
     index = points[:, None, :].expand(-1, flat.shape[1], -1)  # (B, N, m)
     return torch.gather(flat, 2, index).transpose(1, 2)
 

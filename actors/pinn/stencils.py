@@ -25,8 +25,12 @@ Stencils (h the uniform spacing along the axis; all second order in h unless sta
   interpolant; the Nyquist wavenumber of an even grid gets no first derivative (its
   sign is ambiguous), as in the data generator.
 
-Every function here is built from slicing and concatenation (no in-place writes), so it
-is differentiable and works on any leading shape, e.g. (B, N, nt, nx).
+The finite-difference stencils and traces are linear maps along one axis, applied as a
+list of shifted, weighted slices (`Stencil`): the forward adds each slice into one output
+and the backward, the transposed list, into one gradient. Left to autograd, every slice of
+the input would instead zero-fill a copy of the whole input in the backward (a dozen per
+derivative of a (B, N, nt, nx) basis). They are differentiable to any order and work on
+any leading shape.
 """
 
 from __future__ import annotations
@@ -76,20 +80,50 @@ def _axis(f: Tensor, axis: int) -> int:
     return axis % f.ndim
 
 
+# One term of a stencil: out[o : o + length] += weight * f[i : i + length] along the axis.
+Term = tuple[int, int, int, float]  # (o, length, i, weight)
+
+
+class Stencil(torch.autograd.Function):
+    """apply(f, axis, out_length, terms) -> the linear map `terms` along `axis`.
+
+    The output has `out_length` points along `axis`. The backward is the same map
+    transposed (each term's o and i swapped, into the input's length), itself a Stencil,
+    so higher derivatives work too."""
+
+    @staticmethod
+    def forward(ctx, f: Tensor, axis: int, out_length: int, terms: tuple[Term, ...]) -> Tensor:
+        ctx.axis, ctx.in_length, ctx.terms = axis, f.shape[axis], terms
+        return _apply_terms(f, axis, out_length, terms)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        transposed = tuple((i, length, o, w) for o, length, i, w in ctx.terms)
+        return Stencil.apply(grad, ctx.axis, ctx.in_length, transposed), None, None, None
+
+
+def _apply_terms(f: Tensor, axis: int, out_length: int, terms: tuple[Term, ...]) -> Tensor:
+    shape = list(f.shape)
+    shape[axis] = out_length
+    out = f.new_zeros(shape)
+    for o, length, i, weight in terms:
+        out.narrow(axis, o, length).add_(f.narrow(axis, i, length), alpha=weight)
+    return out
+
+
 def first_derivative(f: Tensor, spacing: float, axis: int) -> Tensor:
     """df/ds along `axis`, second order everywhere (central inside, one-sided at ends)."""
     axis = _axis(f, axis)
     n = f.shape[axis]
     if n < 3:
         raise ValueError(f"first_derivative needs >= 3 points along axis {axis}, got {n}")
-
-    def at(i: int, length: int = 1) -> Tensor:
-        return f.narrow(axis, i, length)
-
-    inside = (at(2, n - 2) - at(0, n - 2)) / (2.0 * spacing)
-    start = (-3.0 * at(0) + 4.0 * at(1) - at(2)) / (2.0 * spacing)
-    end = (3.0 * at(n - 1) - 4.0 * at(n - 2) + at(n - 3)) / (2.0 * spacing)
-    return torch.cat([start, inside, end], dim=axis)
+    c = 1.0 / (2.0 * spacing)
+    terms = (
+        (1, n - 2, 2, c), (1, n - 2, 0, -c),  # central inside
+        (0, 1, 0, -3 * c), (0, 1, 1, 4 * c), (0, 1, 2, -c),  # one-sided at the start
+        (n - 1, 1, n - 1, 3 * c), (n - 1, 1, n - 2, -4 * c), (n - 1, 1, n - 3, c),  # end
+    )  # fmt: skip
+    return Stencil.apply(f, axis, n, terms)
 
 
 def second_derivative(f: Tensor, spacing: float, axis: int) -> Tensor:
@@ -98,15 +132,14 @@ def second_derivative(f: Tensor, spacing: float, axis: int) -> Tensor:
     n = f.shape[axis]
     if n < 4:
         raise ValueError(f"second_derivative needs >= 4 points along axis {axis}, got {n}")
-
-    def at(i: int, length: int = 1) -> Tensor:
-        return f.narrow(axis, i, length)
-
-    h2 = spacing * spacing
-    inside = (at(0, n - 2) - 2.0 * at(1, n - 2) + at(2, n - 2)) / h2
-    start = (2.0 * at(0) - 5.0 * at(1) + 4.0 * at(2) - at(3)) / h2
-    end = (2.0 * at(n - 1) - 5.0 * at(n - 2) + 4.0 * at(n - 3) - at(n - 4)) / h2
-    return torch.cat([start, inside, end], dim=axis)
+    c = 1.0 / (spacing * spacing)
+    terms = (
+        (1, n - 2, 0, c), (1, n - 2, 1, -2 * c), (1, n - 2, 2, c),  # central inside
+        (0, 1, 0, 2 * c), (0, 1, 1, -5 * c), (0, 1, 2, 4 * c), (0, 1, 3, -c),  # start
+        (n - 1, 1, n - 1, 2 * c), (n - 1, 1, n - 2, -5 * c), (n - 1, 1, n - 3, 4 * c),
+        (n - 1, 1, n - 4, -c),  # end
+    )  # fmt: skip
+    return Stencil.apply(f, axis, n, terms)
 
 
 def lagrange_weights(nodes: Sequence[float], at: float, derivative: int = 0) -> np.ndarray:
@@ -130,10 +163,20 @@ def lagrange_weights(nodes: Sequence[float], at: float, derivative: int = 0) -> 
 def trace(f: Tensor, weights: Sequence[float], first: int, axis: int) -> Tensor:
     """sum_j weights[j] * f[first + j] along `axis` (that axis removed): a boundary trace."""
     axis = _axis(f, axis)
-    out = 0.0
-    for j, w in enumerate(weights):
-        out = out + float(w) * f.select(axis, first + j)
-    return out
+    terms = tuple((0, 1, first + j, float(w)) for j, w in enumerate(weights))
+    return Stencil.apply(f, axis, 1, terms).squeeze(axis)
+
+
+def traces(f: Tensor, stencils: Sequence[tuple[Sequence[float], int]], axis: int) -> Tensor:
+    """Several traces at once, stacked along `axis`: stencils [(weights, first), ...] ->
+    out with len(stencils) points on that axis. One pass over f, and one gradient."""
+    axis = _axis(f, axis)
+    terms = tuple(
+        (j, 1, first + i, float(w))
+        for j, (weights, first) in enumerate(stencils)
+        for i, w in enumerate(weights)
+    )
+    return Stencil.apply(f, axis, len(stencils), terms)
 
 
 def periodic_symbols(
