@@ -102,7 +102,8 @@ class PDESurrogate(nn.Module):
             derivs=derivs,
         )
         omegas, solved = solve_experts(self._executor(), params)
-        return self.constraint.assembled_fields(derivs, omegas, self.partition), solved
+        fields = self.constraint.assembled_fields(derivs, omegas, self.partition, self.grids)
+        return fields, solved
 
     def step(
         self,

@@ -67,6 +67,9 @@ class ConstraintSpec(Spec):
     damping: float = Field(1e-3, gt=0)
     ridge: float = Field(1e-4, ge=0)
     collocation_points: int = Field(20_000, ge=1, description="per expert, redrawn each step")
+    interface_weight: float = Field(
+        1.0, ge=0, description="MoE: weight of the jumps between experts in the loss (DS)"
+    )
 
 
 class TrainingSpec(Spec):
@@ -173,11 +176,14 @@ def _pde_parameters(pde: dict[str, Any]) -> dict[str, float]:
 
 def build_model(spec: TrainSpec, problem: Problem):
     from actors.constraint import LMOptions
+    from actors.pinn import constraint_fields
     from actors.surrogate import PDESurrogate
 
     parameters = dict(problem.parameters)
     parameters["t_end"] = float(problem.grids["t"][-1])
     parameters["ridge"] = spec.constraint.ridge
+    if "interface_weight" in constraint_fields(problem.pde):
+        parameters["interface_weight"] = spec.constraint.interface_weight
     options = LMOptions(
         max_iterations=spec.constraint.max_iterations,
         tolerance=spec.constraint.tolerance,

@@ -644,6 +644,46 @@ def test_assemble_uses_each_experts_omega_on_its_subdomain():
         assemble(basis, omegas[:5], partition)
 
 
+def test_partition_interfaces_pair_neighbouring_blocks():
+    partition = Partition((6, 8), (2, 2))  # experts 0 1 / 2 3, C order over (t, x)
+    assert partition.interfaces(1) == [(0, 1), (2, 3)]  # across x
+    assert partition.interfaces(0) == [(0, 2), (1, 3)]  # across t
+    assert Partition((6, 8), (1, 4)).interfaces(1) == [(0, 1), (1, 2), (2, 3)]
+    assert Partition((6, 8), (1, 1)).interfaces(1) == []
+
+
+def test_interface_jumps_are_the_sides_differences_at_the_faces():
+    """Basis functions quadratic in t and x: three-point extrapolation is exact, so with
+    one omega everywhere the jumps vanish, and with omega_1 = 3 omega_0 the value jump at
+    the x face is u(face) - 3 u(face) and the flux jump T D (u_x - 3 u_x), analytically."""
+    nt, nx = 9, 12
+    grids = ds_grids(nt, nx)
+    c = DiffusionSorptionConstraint()
+    tau = grids["t"] / c.t_end
+    x = grids["x"]
+    shapes = [torch.ones(nt, nx), x[None, :] ** 2 + 0 * tau[:, None], tau[:, None] * x[None, :]]
+    basis = torch.stack(shapes)[None].to(F64)  # (1, 3, nt, nx)
+    omega = torch.tensor([[0.3, -1.2, 0.7]], dtype=F64)
+    partition = Partition((nt, nx), (1, 2))
+
+    def u_and_slope(at_x: float):
+        value = 0.3 - 1.2 * at_x**2 + 0.7 * tau * at_x
+        return value, -2.4 * at_x + 0.7 * tau
+
+    jumps = c.interface_jumps(basis, [omega, omega], partition, grids)
+    assert jumps.shape == (1, 2 * nt) and jumps.abs().max() < 1e-12
+    jumps = c.interface_jumps(basis, [omega, 3 * omega], partition, grids).reshape(nt, 2)
+    value, slope = u_and_slope(0.5)  # the face between cells 5 and 6 of 12
+    flux = c.t_end * c.diffusivity * slope
+    assert torch.allclose(jumps[:, 0], value - 3 * value, atol=1e-12)
+    assert torch.allclose(jumps[:, 1], flux - 3 * flux, atol=1e-12)
+    # across t: value jumps only, halfway between levels 4 and 5 (blocks of 5 and 4 levels)
+    by_time = c.interface_jumps(basis, [omega, 3 * omega], Partition((nt, nx), (2, 1)), grids)
+    face = (tau[4] + tau[5]) / 2
+    value = 0.3 - 1.2 * x**2 + 0.7 * face * x
+    assert torch.allclose(by_time[0], value - 3 * value, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------
 # In-process expert solves (needs actors.constraint)
 # ---------------------------------------------------------------------------

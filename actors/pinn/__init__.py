@@ -17,7 +17,7 @@ from actors.pinn.in_process import expert_problems, solve_in_process
 from actors.pinn.model import BasisNetwork, SoftConstrained, assemble
 from actors.pinn.navier_stokes import NavierStokesConstraint, navier_stokes_residual
 from actors.pinn.partition import Partition
-from actors.pinn.pde import PDEConstraint, ResidualFn, constraint_for
+from actors.pinn.pde import PDEConstraint, ResidualFn, constraint_fields, constraint_for
 
 __all__ = [
     "FNO",
@@ -30,6 +30,7 @@ __all__ = [
     "SoftConstrained",
     "SpectralConv",
     "assemble",
+    "constraint_fields",
     "constraint_for",
     "diffusion_sorption_residual",
     "expert_problems",

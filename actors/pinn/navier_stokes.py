@@ -245,7 +245,11 @@ class NavierStokesConstraint:
         return self.fields_loss({k: v[:, 0] for k, v in d.items()}, initial)
 
     def assembled_fields(
-        self, derivs: dict[str, Tensor], omegas: list[Tensor], partition: Partition
+        self,
+        derivs: dict[str, Tensor],
+        omegas: list[Tensor],
+        partition: Partition,
+        grids=None,
     ) -> dict[str, Tensor]:
         """Every field as b·ω_k inside each sub-domain: the spectral derivatives of the
         basis, not of the assembled w, whose jumps between experts would ring globally."""

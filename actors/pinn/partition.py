@@ -91,6 +91,17 @@ class Partition:
         k = self._check_expert(k)
         return tuple(int(i) for i in np.unravel_index(k, self.splits))
 
+    def interfaces(self, axis: int) -> list[tuple[int, int]]:
+        """(k, j) for every pair of experts whose blocks meet across `axis`: j's block
+        starts where k's stops along it, and they share their blocks on the other axes."""
+        pairs = []
+        for k in range(self.num_experts):
+            block = list(self.block(k))
+            if block[axis] + 1 < self.splits[axis]:
+                block[axis] += 1
+                pairs.append((k, int(np.ravel_multi_index(block, self.splits))))
+        return pairs
+
     def slices(self, k: int) -> tuple[slice, ...]:
         """Expert k's sub-domain as one slice per grid axis."""
         return tuple(

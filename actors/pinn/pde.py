@@ -87,6 +87,13 @@ _DATA_ONLY: dict[str, frozenset[str]] = {
 }
 
 
+def constraint_fields(pde_name: str) -> frozenset[str]:
+    """The settings the constraint of `pde_name` takes (its dataclass fields)."""
+    if pde_name not in _CONSTRAINTS:
+        raise ValueError(f"pde_name: unknown PDE {pde_name!r}; known: {sorted(_CONSTRAINTS)}")
+    return frozenset(_CONSTRAINTS[pde_name].__dataclass_fields__)
+
+
 def constraint_for(pde_name: str, parameters: Mapping[str, Any] | None = None) -> PDEConstraint:
     """The constraint of a data set's PDE with its recorded parameters.
 
