@@ -147,8 +147,12 @@ class RayExperts:
         t0 = time.perf_counter()
         # Each expert receives only its own slice, as NumPy arrays: Ray stores those as
         # raw buffers (a pickled torch tensor costs ~5x as much to put and to read).
-        refs = [ray.put(to_wire(p)) for p in params]
-        results = ray.get([a.solve.remote(r) for a, r in zip(self.actors, refs, strict=True)])
+        # Each expert starts as soon as its own slice is stored, while the next is put.
+        refs, calls = [], []
+        for actor, p in zip(self.actors, params, strict=True):
+            refs.append(ray.put(to_wire(p)))
+            calls.append(actor.solve.remote(refs[-1]))
+        results = ray.get(calls)
         self._note(results)
         return Solved(
             [r["omega"] for r in results],

@@ -8,7 +8,8 @@ In one run, with equal steps and seeds:
    actors on 2 workers;
 3. implicit (IFT) vs unrolled backward of the experts' solve: time, and peak memory
    measured in a fresh process each;
-4. the experts' phase of the same MoE step with 1 worker (in-process) and 2 (Ray actors);
+4. the experts' phase of the same MoE step with its four Ray actors on 1 core and on 2
+   (parallel efficiency), and in this process on one thread (for what Ray costs);
 5. the share of the MoE step spent outside the experts' solves.
 
 Prints a table, then one JSON line: rel_l2_sc, rel_l2_hc, rel_l2_moe,
@@ -32,8 +33,8 @@ import torch
 # accuracy: every grid point is a collocation point (points >= grid size), so PI-HC and the
 # experts see the same rows; timing: the same total points, split four ways for the MoE.
 SIZES = {
-    True: dict(samples=24, nx=64, nt=21, steps=150, width=16, layers=3, points=10**6,
-               timing_nx=512, timing_nt=51, timing_points=24000, repeats=3, ift_batch=16),
+    True: dict(samples=24, nx=64, nt=21, steps=1000, width=16, layers=3, points=10**6,
+               timing_nx=512, timing_nt=51, timing_points=24000, repeats=5, ift_batch=16),
     False: dict(samples=200, nx=256, nt=51, steps=1000, width=32, layers=4, points=10**6,
                 timing_nx=1024, timing_nt=101, timing_points=80000, repeats=5, ift_batch=32),
 }  # fmt: skip
@@ -154,14 +155,27 @@ def step_timing(root: str, size: dict) -> dict[str, float]:
         moe, initial = model_and_batch(root, size, "moe", total // 4)
         moe.executor = RayExperts(moe.expert_config(), 4, cpus_per_expert=0.5)
         out["moe_step"], out["moe_experts_2"] = time_steps(moe, initial, size["repeats"])
+        # The same four actors on one core: one worker. Ray's CPUs are only bookkeeping,
+        # so the actors' processes are pinned to the core for the measurement.
+        pids = [w["pid"] for w in moe.executor.placement()]
+        cores = os.sched_getaffinity(pids[0])
+        try:
+            for pid in pids:
+                os.sched_setaffinity(pid, {min(cores)})
+            out["moe_step_1"], out["moe_experts_1"] = time_steps(moe, initial, size["repeats"])
+        finally:
+            for pid in pids:
+                os.sched_setaffinity(pid, cores)
         moe.executor.close()
     finally:
         ray.shutdown()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one worker: the four experts one after the other on one core
+    torch.set_num_threads(1)  # in this process, the four experts one after the other
     try:
         moe.executor = InProcessExperts(moe.expert_config(), 4)
-        out["moe_step_1"], out["moe_experts_1"] = time_steps(moe, initial, size["repeats"])
+        out["moe_step_local"], out["moe_experts_local"] = time_steps(
+            moe, initial, size["repeats"]
+        )
     finally:
         torch.set_num_threads(threads)
     return out
@@ -259,9 +273,11 @@ def main() -> None:
     print(f"\n{'figure':<44} {'value':>12}")
     rows = [
         ("PI-HC step, 1 expert, M points (s)", timing["hc_step"]),
+        ("PI-HC expert's phase (s)", timing["hc_experts"]),
         ("PI-HC-MoE step, 4 experts on 2 workers (s)", timing["moe_step"]),
-        ("MoE experts' phase, 1 worker (s)", timing["moe_experts_1"]),
-        ("MoE experts' phase, 2 workers (s)", timing["moe_experts_2"]),
+        ("MoE experts' phase, 1 Ray worker (s)", timing["moe_experts_1"]),
+        ("MoE experts' phase, 2 Ray workers (s)", timing["moe_experts_2"]),
+        ("MoE experts' phase, in-process, 1 thread (s)", timing["moe_experts_local"]),
         (
             "implicit: solve + backward (s)",
             backward["implicit"]["forward_s"] + backward["implicit"]["backward_s"],

@@ -43,8 +43,9 @@ the batch. A split domain adds `interface_weight` times the RMS of the jumps bet
 neighbouring experts (u, and across x the flux T D u_x, each side extrapolated to the
 common face with its own omega): the solves stay independent, but without it the
 experts of a [1, 4] split that touch no physical boundary drift to solutions of their own
-(test relative L2 43 % after 1 000 quick-benchmark steps, 8.5 % with it). RMS (the 2-norm over sqrt(point count)) keeps the loss independent of the
-resolution. Expect the data's own loss to be far from zero: the initial condition
+(test relative L2 43 % after 1 000 quick-benchmark steps, 8.5 % with it).
+RMS (the 2-norm over sqrt(point count)) keeps the loss independent of the resolution.
+Expect the data's own loss to be far from zero: the initial condition
 (u0 ~ U(0, 0.2)) is incompatible with u(0, t) = 1, so u jumps at the inlet at t = 0 and
 the first time levels' differences there are huge. For the finite-volume solution from
 u0 = 0.1 the full-grid residual RMS is 5.0 / 6.7 / 8.0 on 41x32 / 101x128 / 201x256
