@@ -173,9 +173,7 @@ def step_timing(root: str, size: dict) -> dict[str, float]:
     torch.set_num_threads(1)  # in this process, the four experts one after the other
     try:
         moe.executor = InProcessExperts(moe.expert_config(), 4)
-        out["moe_step_local"], out["moe_experts_local"] = time_steps(
-            moe, initial, size["repeats"]
-        )
+        out["moe_step_local"], out["moe_experts_local"] = time_steps(moe, initial, size["repeats"])
     finally:
         torch.set_num_threads(threads)
     return out
