@@ -50,9 +50,13 @@ class ExpertSolver:
         with torch.no_grad():
             params = self._to_device(params)
             batch = params[0].shape[0]
-            omega0 = torch.zeros(
-                batch, self.config.basis_size, dtype=torch.float64, device=self.device
-            )
+            guess = getattr(self.residual_fn, "initial_guess", None)
+            if guess is not None:
+                omega0 = guess(params)
+            else:
+                omega0 = torch.zeros(
+                    batch, self.config.basis_size, dtype=torch.float64, device=self.device
+                )
             solution = levenberg_marquardt(self.residual_fn, omega0, params, self.config.options)
         return {
             "omega": solution.omega.cpu(),

@@ -882,3 +882,29 @@ def test_implicit_vjp_closed_form_equals_generic_path(problem, k):
         assert a.abs().max() > 0
     # the PDE's constants are not differentiated by the closed form
     assert torch.equal(closed[-1], torch.zeros_like(params[-1]))
+
+
+def test_ds_initial_guess_is_the_minimiser_when_r_is_constant():
+    """Without sorption R = 1 and the residual is linear in omega: the guess (R frozen)
+    is then the least-squares solution itself, which LM from zero reaches too, and the
+    gradient of the least-squares objective vanishes there."""
+    from actors.constraint import LMOptions, levenberg_marquardt
+
+    g = torch.Generator().manual_seed(3)
+    nt, nx, n = 8, 12, 5
+    grids = ds_grids(nt, nx)
+    c = DiffusionSorptionConstraint(bulk_density=0.0)  # sorption 0: R = 1
+    basis = torch.randn(2, n, nt, nx, generator=g, dtype=F64).cumsum(-1) / nx
+    initial = torch.rand(2, nx, generator=g, dtype=F64) * 0.2
+    derivs = c.derivatives(basis, grids)
+    partition = Partition((nt, nx), (1, 2))
+    for k in range(2):
+        params = c.expert_params(derivs, initial, partition, k, partition.sample(k, 10**9, g))
+        guess = c.residual_fn.initial_guess(params)
+        solved = levenberg_marquardt(
+            c.residual_fn, torch.zeros(2, n, dtype=F64), params, LMOptions(tolerance=1e-12)
+        )
+        assert torch.allclose(guess, solved.omega, atol=1e-7)
+        for p in range(2):
+            one = tuple(t[p] for t in params)
+            assert optimality(c.residual_fn, guess[p], one).abs().max() < 1e-9

@@ -55,6 +55,9 @@ class ClosedFormResidual:
     linearize: Linearize
     curvature: Curvature
     pullback: Pullback
+    # (params) -> omega0 (P, N): where the solver starts, when zero is a bad place to
+    # (None: from zero)
+    initial_guess: Callable[[tuple[Tensor, ...]], Tensor] | None = None
 
     def __call__(self, omega: Tensor, params: tuple[Tensor, ...]) -> Tensor:
         return self.residual(omega, params)

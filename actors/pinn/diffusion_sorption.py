@@ -167,8 +167,38 @@ def _pullback(omega: Tensor, params: tuple[Tensor, ...], lam: Tensor):
     )  # fmt: skip
 
 
+def _initial_guess(params: tuple[Tensor, ...]) -> Tensor:
+    """Where LM starts: the least-squares solution with R frozen at the level of the
+    expert's own targets (its initial values, the inlet's 1), a Picard step from a
+    constant state. From omega = 0 instead, u = 0 sits at R's singularity, where R is
+    largest and flat (the guard), and the solve can stay near u = 0: an interior expert
+    whose initial values are small then pays only their size, and returns u ~ 0 over its
+    whole block. (P, N)."""
+    u_rows, tau_rows, xx_rows, lin_rows, lin_target, constants = params
+    sorption, exponent, diffusion, ridge, guard = constants.unbind(-1)  # (P,) each
+    if lin_target.shape[-1]:
+        level = torch.maximum(lin_target.abs().mean(-1), guard)
+    else:
+        level = torch.ones_like(guard)
+    retardation = 1.0 + sorption * level**exponent
+    pde = tau_rows * retardation[:, None, None] - xx_rows * diffusion[:, None, None]
+    n = u_rows.shape[-1]
+    normal = pde.mT @ pde + lin_rows.mT @ lin_rows
+    normal = normal + (ridge**2)[:, None, None] * torch.eye(n, dtype=pde.dtype, device=pde.device)
+    rhs = (lin_rows.mT @ lin_target.unsqueeze(-1)).squeeze(-1)
+    omega, info = torch.linalg.solve_ex(normal, rhs.unsqueeze(-1))
+    omega = omega.squeeze(-1)
+    usable = (info == 0) & torch.isfinite(omega).all(-1)
+    return torch.where(usable[:, None], omega, torch.zeros_like(omega))
+
+
 diffusion_sorption_residual = ClosedFormResidual(
-    "diffusion_sorption_residual", _residual, _linearize, _curvature, _pullback
+    "diffusion_sorption_residual",
+    _residual,
+    _linearize,
+    _curvature,
+    _pullback,
+    initial_guess=_initial_guess,
 )
 
 

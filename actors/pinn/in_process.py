@@ -70,18 +70,20 @@ def solve_in_process(
 ) -> tuple[Tensor, list[Any]]:
     """Solve every expert in this process -> (u (B, *grid), per-expert diagnostics).
 
-    `actors.constraint.solve` from omega = 0 with `options` (its defaults when None),
-    differentiable (implicitly) when the basis requires grad; the diagnostics are each
-    solve's `LMSolution.summary()`. Raises ImportError without `actors.constraint`.
+    `actors.constraint.solve` from the residual's initial guess (else 0) with `options`
+    (its defaults when None), differentiable (implicitly) when the basis requires grad;
+    the diagnostics are each solve's `LMSolution.summary()`.
     """
     from actors.constraint import solve
 
     problems = expert_problems(constraint, basis, initial, grids, partition, m, generator)
     extra = {} if options is None else {"options": options}
     omegas, diagnostics = [], []
+    guess = getattr(constraint.residual_fn, "initial_guess", None)
     for params in problems:
+        start = None if guess is None else guess(tuple(p.detach() for p in params))
         omega, solution = solve(
-            constraint.residual_fn, params, None, n_unknowns=basis.shape[1], **extra
+            constraint.residual_fn, params, start, n_unknowns=basis.shape[1], **extra
         )
         omegas.append(omega)
         diagnostics.append(solution.summary())
