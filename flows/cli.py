@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.cli_group import RayAddressOption, SetOption, SpecPath, StorageOption
+from flows.cli_group import Progress, RayAddressOption, SetOption, SpecPath, StorageOption
 from flows.errors import PhysflowError
 
 app = typer.Typer(
@@ -157,7 +157,7 @@ def train(
     job = load_spec(TrainSpec, spec, set_ or [])
     root = Storage.from_env(storage).check()
     try:
-        with Progress(job.name, "steps", show_loss=True) as update:
+        with Progress(job.name, "steps", field="loss") as update:
             result = run_job(job, root, resume, update, ray_address)
     except KeyboardInterrupt:
         typer.echo(
@@ -222,7 +222,7 @@ def run_quickstart(
     try:
         with (
             Progress(f"data {job.preprocess.name}", "shards") as pre,
-            Progress(f"train {job.train.name}", "steps", show_loss=True) as steps,
+            Progress(f"train {job.train.name}", "steps", field="loss") as steps,
         ):
             data, result = run(job, root, pre, steps, None, workers, ray_address)
     except KeyboardInterrupt:
@@ -374,48 +374,6 @@ def _metric_columns(rows, first: list[str], most: int = 5) -> list[str]:
     keys = [k for k in first if k in counts]
     keys += sorted((k for k in counts if k not in keys), key=lambda k: (-counts[k], k))
     return keys[:most]
-
-
-class Progress:
-    """A progress bar on stderr (hidden when stderr is not a terminal), fed by (done, total)."""
-
-    def __init__(self, label: str, unit: str, show_loss: bool = False):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn(unit),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=err,
-            transient=True,
-            disable=not err.is_terminal,
-        )
-        self.label = label
-        self.task = None
-
-    def __enter__(self):
-        self.bar.start()
-
-        def update(done: int, total: int, loss: float | None = None) -> None:
-            if self.task is None:
-                self.task = self.bar.add_task(self.label, total=total, loss="-")
-            fields = {} if loss is None else {"loss": f"{loss:.4g}"}
-            self.bar.update(self.task, completed=done, total=total, **fields)
-
-        return update
-
-    def __exit__(self, *exc) -> None:
-        self.bar.stop()
 
 
 def _rows(m, split: str) -> int:

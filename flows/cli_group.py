@@ -1,5 +1,5 @@
-"""What the command modules share: the common arguments, and a group whose first argument
-may be a spec instead of a sub-command.
+"""What the command modules share: the common arguments, a progress bar, and a group whose
+first argument may be a spec instead of a sub-command.
 
 `physflow pbt SPEC` and `physflow nas SPEC` run a job, while `physflow pbt replay ...` and
 `physflow nas export ...` are sub-commands of the same group. A click group cannot have
@@ -38,3 +38,44 @@ class SpecOrCommand(TyperGroup):
         if args and not args[0].startswith("-") and args[0] not in self.commands:
             args = ["run", *args]
         return super().parse_args(ctx, args)
+
+
+class Progress:
+    """A progress bar on stderr (hidden when stderr is not a terminal), fed by
+    update(done, total[, value]); with `field`, the latest value is shown under that name
+    (the loss of a training run, the best score of a search)."""
+
+    def __init__(self, label: str, unit: str, field: str | None = None):
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import Progress as Bar
+
+        console = Console(stderr=True, highlight=False, soft_wrap=True)
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+        columns.append(TextColumn(unit))
+        if field:
+            columns.append(TextColumn(f"{field} {{task.fields[value]}}"))
+        columns += [TimeElapsedColumn(), TimeRemainingColumn()]
+        self.bar = Bar(*columns, console=console, transient=True, disable=not console.is_terminal)
+        self.label = label
+        self.task = None
+
+    def __enter__(self):
+        self.bar.start()
+
+        def update(done: int, total: int, value: float | None = None) -> None:
+            if self.task is None:
+                self.task = self.bar.add_task(self.label, total=total, value="-")
+            fields = {} if value is None else {"value": f"{value:.4g}"}
+            self.bar.update(self.task, completed=done, total=total, **fields)
+
+        return update
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from flows.cli_group import (
+    Progress,
     RayAddressOption,
     SetOption,
     SpecOrCommand,
@@ -45,7 +46,6 @@ def register(app, reports_errors, out, err) -> None:
         ray_address: RayAddressOption = None,
     ) -> None:
         """Search a super-network's sub-networks (trains the super-network if none is given)."""
-        from flows.cli import Progress
         from flows.nas import NASSpec, run_nas
         from flows.spec import load_spec
         from flows.storage import Storage

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from flows.cli_group import (
+    Progress,
     RayAddressOption,
     SetOption,
     SpecOrCommand,
@@ -52,7 +53,7 @@ def register(app, reports_errors, out, err) -> None:
         job = load_spec(PbtSpec, spec, set_ or [])
         root = Storage.from_env(storage).check()
         try:
-            with _bar(err, job.name, "steps") as update:
+            with Progress(job.name, "steps", field="best") as update:
                 result = run_pbt(job, root, resume, update, ray_address)
         except KeyboardInterrupt:
             typer.echo(
@@ -92,7 +93,7 @@ def register(app, reports_errors, out, err) -> None:
         from flows.storage import Storage
 
         root = Storage.from_env(storage).check()
-        with _bar(err, "replay", "steps") as update:
+        with Progress("replay", "steps") as update:
             result = run_replay(source, member, root, update, ray_address)
         recorded = (
             f"recorded {result.recorded:.6g}, difference {result.score - result.recorded:.3g}"
@@ -104,43 +105,3 @@ def register(app, reports_errors, out, err) -> None:
             f"segments, {result.metric} = {result.score:.6g} ({recorded}) "
             f"in {result.seconds:.1f} s"
         )
-
-
-class _bar:
-    """A rich progress bar on stderr (hidden when stderr is not a terminal)."""
-
-    def __init__(self, console, label: str, unit: str):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn(unit),
-            TextColumn("best {task.fields[best]}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-            disable=not console.is_terminal,
-        )
-        self.label, self.task = label, None
-
-    def __enter__(self):
-        self.bar.start()
-
-        def update(done: int, total: int, best: float | None = None) -> None:
-            if self.task is None:
-                self.task = self.bar.add_task(self.label, total=total, best="-")
-            fields = {} if best is None else {"best": f"{best:.4g}"}
-            self.bar.update(self.task, completed=done, total=total, **fields)
-
-        return update
-
-    def __exit__(self, *exc) -> None:
-        self.bar.stop()
