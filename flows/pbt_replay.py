@@ -80,26 +80,11 @@ def replay(
 
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(spec.resources.member_cpus or 1)))
-    with ray_session(ray_address, enabled=pde_experts(spec) > 0):
-        trainer = builder(seed, options)
-        try:
-            final: dict[str, float] = {}
-            step = segments[0].start if segments else 0
-            for segment in segments:
-                while step < segment.end:
-                    final = trainer.step(dict(segment.hparams))
-                    step += 1
-                    if progress:
-                        progress(step, total, None)
-            final = dict(final)
-            evaluate = getattr(trainer, "evaluate", None)
-            if evaluate is not None:
-                final.update(evaluate())
-        finally:
-            close = getattr(trainer, "close", None)
-            if close is not None:
-                close()
-            torch.set_num_threads(threads)
+    try:
+        with ray_session(ray_address, enabled=pde_experts(spec) > 0):
+            final = _train_schedule(builder(seed, options), segments, total, progress)
+    finally:
+        torch.set_num_threads(threads)
     if spec.metric not in final:
         raise UserError(f"metric: {spec.metric!r} is not in the trainable's report")
     recorded = (
@@ -114,3 +99,26 @@ def replay(
         metric=spec.metric,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _train_schedule(trainer, segments, total: int, progress) -> dict[str, float]:
+    """Each segment's steps with its hyperparameters, then the trainer's evaluation;
+    the trainer is closed whatever happens."""
+    try:
+        final: dict[str, float] = {}
+        step = segments[0].start if segments else 0
+        for segment in segments:
+            while step < segment.end:
+                final = trainer.step(dict(segment.hparams))
+                step += 1
+                if progress:
+                    progress(step, total, None)
+        final = dict(final)
+        evaluate = getattr(trainer, "evaluate", None)
+        if evaluate is not None:
+            final.update(evaluate())
+        return final
+    finally:
+        close = getattr(trainer, "close", None)
+        if close is not None:
+            close()

@@ -30,19 +30,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
-    """Wait until `url` answers any HTTP status, or fail naming the URL."""
+def wait_http(
+    url: str,
+    timeout_s: float,
+    process: subprocess.Popen | None = None,
+    headers: dict[str, str] | None = None,
+    require_ok: bool = False,
+) -> None:
+    """Wait until `url` answers any HTTP status (with `require_ok`, 200), or fail naming
+    the URL."""
+    request = urllib.request.Request(url, headers=headers or {})
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"{url}: server exited with code {process.returncode}")
         try:
-            urllib.request.urlopen(url, timeout=2)
-            return
+            with urllib.request.urlopen(request, timeout=5):
+                return
         except urllib.error.HTTPError:
-            return  # it answered
+            if not require_ok:
+                return  # it answered
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            time.sleep(0.3)
+            pass
+        time.sleep(0.3)
     raise RuntimeError(f"{url}: no answer within {timeout_s:.0f} s")
 
 
@@ -321,50 +331,17 @@ def start_ray_head(
         stop_timeout_s=3.0,
     )
     try:
+        # The dashboard answers before the head node's job agent is up, and Ray's Jobs API
+        # refuses submissions ("no available agent") until it is: wait for both.
         deadline = time.monotonic() + timeout_s
-        _wait_ray_jobs_api(url, token, timeout_s, process)
+        auth = {"Authorization": f"Bearer {token}"}
+        wait_http(f"{url}/api/jobs/", timeout_s, process, headers=auth, require_ok=True)
         agent = f"http://{HOST}:{ports['dashboard-agent-listen-port']}/api/healthz"
-        _wait_http(agent, deadline - time.monotonic(), process, "Ray's dashboard agent")
+        wait_http(agent, max(deadline - time.monotonic(), 1.0), process, require_ok=True)
     except BaseException:
         service.stop()
         raise
     return service
-
-
-def _wait_http(url: str, timeout_s: float, process: subprocess.Popen, what: str) -> None:
-    """Poll `url` until it answers 200 (the head node's job agent: Ray's Jobs API refuses
-    submissions with "no available agent" until it is up)."""
-    deadline = time.monotonic() + max(timeout_s, 1.0)
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url}: Ray head exited with code {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url}: {what} not ready within {timeout_s:.0f} s")
-
-
-def _wait_ray_jobs_api(url: str, token: str, timeout_s: float, process: subprocess.Popen) -> None:
-    """The dashboard answers before its job agent does; wait until the job list answers 200."""
-    request = urllib.request.Request(
-        f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"}
-    )
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url}: Ray head exited with code {process.returncode}")
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url}: Ray Jobs API not ready within {timeout_s:.0f} s")
 
 
 def main() -> None:

@@ -93,10 +93,6 @@ class RowOuter:
     coefficients: Tensor
     vectors: Tensor
 
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((*self.coefficients.shape[:-1], self.vectors.shape[-1]))
-
     def dense(self) -> Tensor:
         # one rank-2 batched matmul: a single (P, m, N) result, no temporaries of that size
         return self.coefficients @ self.vectors

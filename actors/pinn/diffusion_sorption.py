@@ -396,27 +396,33 @@ class DiffusionSorptionConstraint:
         g = self._geometry(grids, basis.shape[2:])
         jumps = []
         for axis, step in ((1, g["dx"]), (0, g["dtau"])):
+            # every face's stencils along this axis, both sides: one pass over the basis
+            # (and one gradient) per axis, then each side's columns of its own block
+            stencils, sides = [], []
             for k, j in partition.interfaces(axis):
                 left, right = partition.slices(k), partition.slices(j)
                 i = left[axis].stop  # first index of the right block
                 if i - left[axis].start < 3 or right[axis].stop - i < 3:
                     continue  # too thin a block to extrapolate from three points
                 face = (i - 0.5) * step
-                sides = []
-                for block, omega, nodes in (
-                    (left, omegas[k], range(i - 3, i)),
-                    (right, omegas[j], range(i, i + 3)),
-                ):
-                    coordinates = [n * step for n in nodes]
-                    stencils = [(lagrange_weights(coordinates, face), nodes[0])]
+                for block, expert, first in ((left, k, i - 3), (right, j, i)):
+                    coordinates = [(first + n) * step for n in range(3)]
+                    columns = [len(stencils)]
+                    stencils.append((lagrange_weights(coordinates, face), first))
                     if axis == 1:  # the flux too, across x
                         slope = lagrange_weights(coordinates, face, derivative=1)
-                        stencils.append((self.t_end * self.diffusivity * slope, nodes[0]))
-                    other = block[1 - axis]
-                    at = traces(basis, stencils, axis=2 + axis)  # (B, N, ..., n_stencils)
-                    at = at[:, :, other] if axis == 1 else at[:, :, :, other]
-                    sides.append(torch.einsum("bn...,bn->b...", at, omega))
-                jumps.append((sides[0] - sides[1]).flatten(1))
+                        columns.append(len(stencils))
+                        stencils.append((self.t_end * self.diffusivity * slope, first))
+                    sides.append((block[1 - axis], expert, columns))
+            if not stencils:
+                continue
+            at = traces(basis, stencils, axis=2 + axis)  # (B, N, ..., n_stencils)
+            values = []
+            for other, expert, columns in sides:
+                picked = at.narrow(2 + axis, columns[0], len(columns))  # consecutive
+                picked = picked[:, :, other] if axis == 1 else picked[:, :, :, other]
+                values.append(torch.einsum("bn...,bn->b...", picked, omegas[expert]))
+            jumps += [(a - b).flatten(1) for a, b in zip(values[::2], values[1::2], strict=True)]
         if not jumps:
             return basis.new_zeros((basis.shape[0], 0))
         return torch.cat(jumps, dim=1)

@@ -163,8 +163,7 @@ def lagrange_weights(nodes: Sequence[float], at: float, derivative: int = 0) -> 
 def trace(f: Tensor, weights: Sequence[float], first: int, axis: int) -> Tensor:
     """sum_j weights[j] * f[first + j] along `axis` (that axis removed): a boundary trace."""
     axis = _axis(f, axis)
-    terms = tuple((0, 1, first + j, float(w)) for j, w in enumerate(weights))
-    return Stencil.apply(f, axis, 1, terms).squeeze(axis)
+    return traces(f, [(weights, first)], axis).squeeze(axis)
 
 
 def traces(f: Tensor, stencils: Sequence[tuple[Sequence[float], int]], axis: int) -> Tensor:
