@@ -155,6 +155,13 @@ def open_problem(spec: TrainSpec, storage: Storage) -> Problem:
     for split in ("train", "test"):
         if split not in m.splits or m.splits[split].rows == 0:
             raise UserError(f"dataset {m.name}/{m.version}: no {split} samples")
+    if "interface_weight" in spec.constraint.model_fields_set and not hasattr(
+        constraint, "interface_weight"
+    ):
+        raise UserError(
+            f"constraint.interface_weight: a {pde} model has no interface term "
+            f"(only diffusion-sorption has); remove the setting"
+        )
     axes = m.fields[constraint.field].axes
     grids = {a: torch.tensor(m.grids[a], dtype=torch.float64) for a in axes}
     return Problem(dataset, pde, _pde_parameters(m.pde), constraint.field, grids)
@@ -182,7 +189,7 @@ def build_model(spec: TrainSpec, problem: Problem):
     parameters = dict(problem.parameters)
     parameters["t_end"] = float(problem.grids["t"][-1])
     parameters["ridge"] = spec.constraint.ridge
-    if "interface_weight" in constraint_fields(problem.pde):
+    if "interface_weight" in constraint_fields(problem.pde):  # explicit elsewhere: refused
         parameters["interface_weight"] = spec.constraint.interface_weight
     options = LMOptions(
         max_iterations=spec.constraint.max_iterations,
