@@ -145,9 +145,9 @@ class RayExperts:
         import ray
 
         t0 = time.perf_counter()
-        # Each expert receives only its own slice, as NumPy arrays: Ray stores those as
-        # raw buffers (a pickled torch tensor costs ~5x as much to put and to read).
-        # Each expert starts as soon as its own slice is stored, while the next is put.
+        # Each expert receives only its own slice, as NumPy arrays (Ray stores those as raw
+        # buffers; a pickled tensor costs ~5x as much to put and to read), and starts as
+        # soon as its slice is stored, while the next one is put.
         refs, calls = [], []
         for actor, p in zip(self.actors, params, strict=True):
             refs.append(ray.put(to_wire(p)))
