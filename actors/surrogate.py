@@ -48,6 +48,8 @@ class PDESurrogate(nn.Module):
         for axis, grid in grids.items():
             self.register_buffer(f"grid_{axis}", grid.to(torch.float64))
         self.constraint = constraint_for(pde, self.pde_parameters)
+        if hasattr(self.constraint, "balance_rows"):  # recorded: `__setstate__` reads it
+            self.pde_parameters["balance_rows"] = self.constraint.balance_rows
         self.partition = Partition(tuple(len(g) for g in grids.values()), tuple(splits))
         if kind == "sc":
             self.network = SoftConstrained.for_constraint(
@@ -129,6 +131,14 @@ class PDESurrogate(nn.Module):
         grid would need gigabytes of rows per sample)."""
         u, _ = self.step(initial, torch.Generator().manual_seed(0))
         return u
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Diffusion-sorption models saved before `balance_rows` existed solved with
+        # unweighted rows, and are loaded to solve as they were trained.
+        if self.pde == "diffusion-sorption" and "balance_rows" not in self.pde_parameters:
+            self.pde_parameters["balance_rows"] = False
+            self.constraint = constraint_for(self.pde, self.pde_parameters)
 
     def __getstate__(self) -> dict[str, Any]:
         # Executors hold processes and Ray handles: never part of a saved model.

@@ -33,7 +33,7 @@ import torch
 # accuracy: every grid point is a collocation point (points >= grid size), so PI-HC and the
 # experts see the same rows; timing: the same total points, split four ways for the MoE.
 SIZES = {
-    True: dict(samples=24, nx=64, nt=21, steps=1000, width=16, layers=3, points=10**6,
+    True: dict(samples=48, nx=64, nt=21, steps=1000, width=16, layers=3, points=10**6,
                timing_nx=512, timing_nt=51, timing_points=24000, repeats=5, ift_batch=16),
     False: dict(samples=200, nx=256, nt=51, steps=1000, width=32, layers=4, points=10**6,
                 timing_nx=1024, timing_nt=101, timing_points=80000, repeats=5, ift_batch=32),

@@ -70,6 +70,15 @@ class ConstraintSpec(Spec):
     interface_weight: float = Field(
         1.0, ge=0, description="MoE: weight of the jumps between experts in the loss (DS)"
     )
+    balance_rows: bool = Field(
+        True,
+        description="weigh each solve's initial/boundary rows against its PDE rows as the "
+        "loss does (DS)",
+    )
+
+
+# Constraint settings only the diffusion-sorption constraint has, and what they set.
+DS_ONLY = {"interface_weight": "interface term", "balance_rows": "row weights"}
 
 
 class TrainingSpec(Spec):
@@ -155,13 +164,12 @@ def open_problem(spec: TrainSpec, storage: Storage) -> Problem:
     for split in ("train", "test"):
         if split not in m.splits or m.splits[split].rows == 0:
             raise UserError(f"dataset {m.name}/{m.version}: no {split} samples")
-    if "interface_weight" in spec.constraint.model_fields_set and not hasattr(
-        constraint, "interface_weight"
-    ):
-        raise UserError(
-            f"constraint.interface_weight: a {pde} model has no interface term "
-            f"(only diffusion-sorption has); remove the setting"
-        )
+    for name, what in DS_ONLY.items():
+        if name in spec.constraint.model_fields_set and not hasattr(constraint, name):
+            raise UserError(
+                f"constraint.{name}: a {pde} model has no {what} (only diffusion-sorption "
+                f"has); remove the setting"
+            )
     axes = m.fields[constraint.field].axes
     grids = {a: torch.tensor(m.grids[a], dtype=torch.float64) for a in axes}
     return Problem(dataset, pde, _pde_parameters(m.pde), constraint.field, grids)
@@ -189,8 +197,9 @@ def build_model(spec: TrainSpec, problem: Problem):
     parameters = dict(problem.parameters)
     parameters["t_end"] = float(problem.grids["t"][-1])
     parameters["ridge"] = spec.constraint.ridge
-    if "interface_weight" in constraint_fields(problem.pde):  # explicit elsewhere: refused
-        parameters["interface_weight"] = spec.constraint.interface_weight
+    for name in DS_ONLY:  # set explicitly for another PDE: refused by open_problem
+        if name in constraint_fields(problem.pde):
+            parameters[name] = getattr(spec.constraint, name)
     options = LMOptions(
         max_iterations=spec.constraint.max_iterations,
         tolerance=spec.constraint.tolerance,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -409,6 +410,12 @@ def test_ds_expert_residual_equals_the_full_grid_residual(splits):
         if sx.stop == nx:
             expected.append(traces["u_right"][:, 0, times] + D * traces["ux_right"][:, 0, times])
         lin = torch.cat(expected, 1) if expected else torch.zeros(batch, 0, dtype=F64)
+        # balance_rows: weighted by sqrt(PDE rows that count / linear rows)
+        weight = (settled.sum() / lin.shape[1]).sqrt() if lin.shape[1] else 1.0
+        assert torch.allclose(r[:, m:-n], weight * lin, rtol=1e-12, atol=1e-12)
+        unweighted = replace(c, balance_rows=False)
+        params = unweighted.expert_params(derivs, initial, partition, k, points, grids)
+        r = torch.vmap(c.residual_fn)(omega, params)
         assert torch.allclose(r[:, m:-n], lin, rtol=1e-12, atol=1e-12)
 
 
@@ -617,6 +624,8 @@ def test_constraint_for_maps_manifest_parameters():
     )
     assert isinstance(ds, DiffusionSorptionConstraint) and ds.t_end == 250.0
     assert ds.diffusivity == 1e-3 and ds.name == "diffusion-sorption" and ds.field == "u"
+    assert ds.balance_rows is True  # the default; a switch stays a bool, not 0.0 / 1.0
+    assert constraint_for("diffusion-sorption", {"balance_rows": False}).balance_rows is False
     ns = constraint_for("navier-stokes", {"viscosity": 1e-3, "grf_alpha": 2.5, "t_end": 50})
     assert isinstance(ns, NavierStokesConstraint) and ns.field == "vorticity"
     assert constraint_for("navier-stokes", {}) == NavierStokesConstraint()
@@ -908,3 +917,18 @@ def test_ds_initial_guess_is_the_minimiser_when_r_is_constant():
         for p in range(2):
             one = tuple(t[p] for t in params)
             assert optimality(c.residual_fn, guess[p], one).abs().max() < 1e-9
+
+
+def test_models_saved_before_row_weights_load_with_them_off():
+    from actors.constraint import LMOptions
+    from actors.surrogate import PDESurrogate
+
+    grids = {k: torch.as_tensor(v) for k, v in ds_grids(5, 8).items()}
+    model = PDESurrogate(
+        "moe", "diffusion-sorption", {"t_end": 500.0}, grids, 3, 4, 2, 1, (1, 2),
+        LMOptions(), 10,
+    )  # fmt: skip
+    assert pickle.loads(pickle.dumps(model)).constraint.balance_rows is True
+    del model.pde_parameters["balance_rows"]  # as a model saved before the setting
+    old = pickle.loads(pickle.dumps(model))
+    assert old.constraint.balance_rows is False and old.pde_parameters["balance_rows"] is False

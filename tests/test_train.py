@@ -161,7 +161,11 @@ def test_a_data_set_of_another_pde_is_refused(home, dask_address, tmp_path):
     # The model kinds apply to both PDEs, but a 2-D split on a 3-D grid is a user error.
     with pytest.raises(UserError, match="needs 3 entries"):
         train(spec(name="ns", dataset="ns-tiny"), storage)
-    # The interface term is diffusion-sorption's: asking for it on Navier-Stokes is refused.
+    # The interface term and the row weights are diffusion-sorption's: asking for them on
+    # Navier-Stokes is refused.
     asked = spec(name="ns", dataset="ns-tiny", constraint__interface_weight=0.5)
     with pytest.raises(UserError, match="constraint.interface_weight: a navier-stokes"):
+        train(asked, storage)
+    asked = spec(name="ns", dataset="ns-tiny", constraint__balance_rows=False)
+    with pytest.raises(UserError, match="constraint.balance_rows: a navier-stokes model has no"):
         train(asked, storage)

@@ -112,6 +112,9 @@ def constraint_for(pde_name: str, parameters: Mapping[str, Any] | None = None) -
             raise ValueError(
                 f"parameters: unknown parameter {key!r} for {pde_name}; known: {sorted(known)}"
             )
+        if isinstance(value, bool):  # a switch (balance_rows), not a number
+            kwargs[key] = value
+            continue
         try:
             kwargs[key] = float(value)
         except (TypeError, ValueError):
