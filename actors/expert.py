@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from actors.constraint import LMOptions, implicit_vjp, levenberg_marquardt
+from actors.constraint import LMOptions, implicit_vjp, levenberg_marquardt, starting_point
 from actors.pinn import constraint_for
 
 
@@ -49,14 +49,7 @@ class ExpertSolver:
         t0 = time.perf_counter()
         with torch.no_grad():
             params = self._to_device(params)
-            batch = params[0].shape[0]
-            guess = getattr(self.residual_fn, "initial_guess", None)
-            if guess is not None:
-                omega0 = guess(params)
-            else:
-                omega0 = torch.zeros(
-                    batch, self.config.basis_size, dtype=torch.float64, device=self.device
-                )
+            omega0 = starting_point(self.residual_fn, params, self.config.basis_size)
             solution = levenberg_marquardt(self.residual_fn, omega0, params, self.config.options)
         return {
             "omega": solution.omega.cpu(),

@@ -145,7 +145,7 @@ class Problem:
 def open_problem(spec: TrainSpec, storage: Storage) -> Problem:
     import torch
 
-    from actors.pinn import constraint_for
+    from actors.pinn import constraint_fields, constraint_for
 
     dataset = open_dataset(spec.dataset, spec.dataset_version, storage)
     m = dataset.manifest
@@ -165,7 +165,7 @@ def open_problem(spec: TrainSpec, storage: Storage) -> Problem:
         if split not in m.splits or m.splits[split].rows == 0:
             raise UserError(f"dataset {m.name}/{m.version}: no {split} samples")
     for name, what in DS_ONLY.items():
-        if name in spec.constraint.model_fields_set and not hasattr(constraint, name):
+        if name in spec.constraint.model_fields_set and name not in constraint_fields(pde):
             raise UserError(
                 f"constraint.{name}: a {pde} model has no {what} (only diffusion-sorption "
                 f"has); remove the setting"

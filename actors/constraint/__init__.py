@@ -8,7 +8,7 @@
 """
 
 from actors.constraint.implicit import ImplicitSolve, implicit_vjp, optimality, solve
-from actors.constraint.levenberg_marquardt import ResidualFn, levenberg_marquardt
+from actors.constraint.levenberg_marquardt import ResidualFn, levenberg_marquardt, starting_point
 from actors.constraint.solution import RESULTS, LMOptions, LMSolution, SolverError
 from actors.constraint.unrolled import solve_unrolled
 
@@ -24,4 +24,5 @@ __all__ = [
     "optimality",
     "solve",
     "solve_unrolled",
+    "starting_point",
 ]

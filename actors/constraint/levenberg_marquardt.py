@@ -416,3 +416,12 @@ def initial_omega(params, omega0: Tensor | None, n_unknowns: int | None) -> Tens
         raise ValueError("params: needs a floating tensor with a leading problem dim")
     ref = floats[0]
     return torch.zeros(ref.shape[0], n_unknowns, dtype=ref.dtype, device=ref.device)
+
+
+def starting_point(residual_fn, params, n_unknowns: int) -> Tensor:
+    """Where a solve starts when the caller has no omega0: the residual's own
+    `initial_guess(params)` when it has one (on detached params), else zeros."""
+    guess = getattr(residual_fn, "initial_guess", None)
+    if guess is None:
+        return initial_omega(params, None, n_unknowns)
+    return guess(tuple(p.detach() for p in params))

@@ -74,17 +74,14 @@ def solve_in_process(
     (its defaults when None), differentiable (implicitly) when the basis requires grad;
     the diagnostics are each solve's `LMSolution.summary()`.
     """
-    from actors.constraint import solve
+    from actors.constraint import solve, starting_point
 
     problems = expert_problems(constraint, basis, initial, grids, partition, m, generator)
     extra = {} if options is None else {"options": options}
     omegas, diagnostics = [], []
-    guess = getattr(constraint.residual_fn, "initial_guess", None)
     for params in problems:
-        start = None if guess is None else guess(tuple(p.detach() for p in params))
-        omega, solution = solve(
-            constraint.residual_fn, params, start, n_unknowns=basis.shape[1], **extra
-        )
+        start = starting_point(constraint.residual_fn, params, basis.shape[1])
+        omega, solution = solve(constraint.residual_fn, params, start, **extra)
         omegas.append(omega)
         diagnostics.append(solution.summary())
     return assemble(basis, omegas, partition), diagnostics
