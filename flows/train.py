@@ -86,6 +86,9 @@ class TrainingSpec(Spec):
     batch_size: int = Field(6, ge=1, le=4096)
     lr: float = Field(1e-3, gt=0, lt=1)
     lr_halve_every: int = Field(800, ge=1, description="steps between halvings of lr")
+    warmup_steps: int = Field(
+        100, ge=0, description="steps over which lr ramps up linearly to its value (0: none)"
+    )
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
@@ -316,7 +319,6 @@ def train(
     torch.manual_seed(spec.training.seed)
     model = build_model(spec, problem)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.training.lr)
-    schedule = torch.optim.lr_scheduler.StepLR(optimizer, spec.training.lr_halve_every, 0.5)
 
     checkpoints = Checkpoints(storage, spec.name)
     latest, start, run_id = checkpoints.latest(), 0, None
@@ -339,7 +341,6 @@ def train(
         state = checkpoints.load(latest)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
         start, run_id = state["step"], state["run_id"]
 
     def checkpoint(step: int, run_id: str) -> None:
@@ -351,7 +352,6 @@ def train(
                 "spec": spec.resolved(),
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
             }
         )
 
@@ -380,7 +380,7 @@ def train(
             run.log_json(model.executor.placement(), "experts/placement.json")
         done = {"step": start}
         try:
-            _loop(spec, model, optimizer, schedule, train_data, done, run, checkpoint, progress)
+            _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress)
         except KeyboardInterrupt:
             run.set_tags({"interrupted_at_step": done["step"]})
             checkpoint(done["step"], run.run_id)
@@ -409,7 +409,22 @@ def train(
     )
 
 
-def _loop(spec, model, optimizer, schedule, train_data, done, run, checkpoint, progress):
+def learning_rate(t: TrainingSpec, step: int, base: float | None = None) -> float:
+    """The learning rate of step `step` (from 0): `base` (default `t.lr`) ramped up linearly
+    over the first `t.warmup_steps` steps, and halved every `t.lr_halve_every` steps.
+
+    A pure function of the step, so a resumed run (or a PBT member) needs no scheduler
+    state. Why the warm-up: Adam's first steps move every weight by about lr whatever the
+    gradient's size, and a single-constraint (PI-HC) model started at full rate can fall
+    within five steps onto a basis whose solves return a constant u (zero PDE residual) and
+    stay there, its gradient near zero; ramped up over 100 steps it trains (quick benchmark,
+    lr 3e-3: 70 % -> 7 % test error at step 200 for seeds 0 and 1)."""
+    base = t.lr if base is None else base
+    ramp = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0
+    return base * ramp * 0.5 ** (step // t.lr_halve_every)
+
+
+def _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress):
     """The training steps from `done["step"]`, which it keeps up to date. Each step's batch
     and collocation points come from (seed, step), so a resumed or retried step sees exactly
     what the original would have."""
@@ -417,15 +432,17 @@ def _loop(spec, model, optimizer, schedule, train_data, done, run, checkpoint, p
     t = spec.training
     for step in range(done["step"], t.steps):
         t0 = time.perf_counter()
+        lr = learning_rate(t, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         loss, norm, solved = _train_step(model, optimizer, train_data, t, t.seed, step)
-        schedule.step()
         done["step"] = step + 1
         seconds = time.perf_counter() - t0
         metrics = {
             "loss": float(loss.detach()),
             "grad_norm": float(norm),
             "step_seconds": seconds,
-            "lr": schedule.get_last_lr()[0],
+            "lr": lr,
         }
         if solved is not None:
             metrics.update(_expert_metrics(solved, seconds, model.executor))
@@ -511,7 +528,7 @@ class StepTrainer:
     """The trainer of `physflow train`, driven one step at a time with hyperparameters that
     may change between steps (the PBT trainable contract, actors.pbt.trainable).
 
-    Hyperparameters: `lr` (the base rate; the spec's halving schedule still applies),
+    Hyperparameters: `lr` (the base rate; the spec's warm-up and halving still apply),
     `damping` (LM's initial damping, sent to the experts), `ridge` (the experts' ridge
     rows), `collocation_points` (per expert), `grad_clip`. Batches and collocation points
     come from (seed, step), and the seed is part of the state, so a member that loads a
@@ -565,7 +582,7 @@ class StepTrainer:
         import dataclasses
 
         t = self.spec.training
-        lr = float(hparams.get("lr", t.lr)) * 0.5 ** (self.step_ // t.lr_halve_every)
+        lr = learning_rate(t, self.step_, float(hparams.get("lr", t.lr)))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if "collocation_points" in hparams:

@@ -12,7 +12,7 @@ from flows.cli import app
 from flows.errors import UserError
 from flows.preprocess import PreprocessSpec, run_preprocess
 from flows.storage import Storage
-from flows.train import TrainSpec, train
+from flows.train import TrainSpec, learning_rate, train
 
 runner = CliRunner()
 
@@ -87,10 +87,23 @@ def test_resume_continues_from_the_checkpoint(tiny):
     assert more.resumed_from == 6 and more.run_id == first.run_id
     history = mlflow.MlflowClient().get_metric_history(first.run_id, "loss")
     assert sorted({m.step for m in history}) == list(range(1, 10))
+    # the resumed steps carry on the warm-up where the first run left it
+    rates = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(first.run_id, "lr")}
+    assert rates == pytest.approx({s: 3e-3 * s / 100 for s in range(1, 10)})
     with pytest.raises(UserError, match="different spec"):
         train(spec(training__steps=12, training__lr=1e-2), tiny, resume=True)
     with pytest.raises(UserError, match="has no checkpoint"):
         train(spec(name="never-ran"), tiny, resume=True)
+
+
+def test_learning_rate_warms_up_then_halves():
+    t = spec(training__lr=1e-3, training__warmup_steps=4, training__lr_halve_every=10).training
+    rates = [learning_rate(t, step) for step in range(25)]
+    assert rates[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert rates[9:11] == pytest.approx([1e-3, 5e-4]) and rates[20] == pytest.approx(2.5e-4)
+    assert learning_rate(t, 3, base=2e-3) == pytest.approx(2e-3)  # a PBT member's own rate
+    flat = spec(training__lr=1e-3, training__warmup_steps=0).training
+    assert learning_rate(flat, 0) == pytest.approx(1e-3)
 
 
 def test_a_killed_expert_does_not_stop_training(tiny):
