@@ -30,6 +30,14 @@ from actors.expert import ExpertConfig, ExpertSolver
 
 Params = tuple[torch.Tensor, ...]
 
+# Expert processes keep buffers below 32 MiB on the heap (glibc), so that a solve's
+# temporaries and the rows it copies out of the object store reuse memory from the last
+# step instead of being mapped, page-faulted in and unmapped again on every call.
+EXPERT_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20),
+}
+
 
 @dataclass
 class Solved:
@@ -128,6 +136,7 @@ class RayExperts:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.group, placement_group_bundle_index=k
                 ),
+                runtime_env={"env_vars": dict(EXPERT_ENV)},
             ).remote(config)
             for k in range(num_experts)
         ]
@@ -149,15 +158,16 @@ class RayExperts:
         # buffers; a pickled tensor costs ~5x as much to put and to read), and starts as
         # soon as its slice is stored, while the next one is put.
         refs, calls = [], []
+        token = uuid.uuid4().hex
         for actor, p in zip(self.actors, params, strict=True):
             refs.append(ray.put(to_wire(p)))
-            calls.append(actor.solve.remote(refs[-1]))
+            calls.append(actor.solve.remote(refs[-1], token))
         results = ray.get(calls)
         self._note(results)
         return Solved(
             [r["omega"] for r in results],
             [r["diagnostics"] for r in results],
-            refs,
+            (token, refs),
             time.perf_counter() - t0,
         )
 
@@ -165,9 +175,12 @@ class RayExperts:
         import ray
 
         t0 = time.perf_counter()
+        step, refs = token
+        # each ref inside a list: Ray then passes it unresolved, and the expert fetches the
+        # rows again only if it no longer holds them (a restarted process)
         calls = [
-            a.vjp.remote(ref, w, wb)
-            for a, ref, w, wb in zip(self.actors, token, omegas, omega_bars, strict=True)
+            a.vjp.remote(step, [ref], w, wb)
+            for a, ref, w, wb in zip(self.actors, refs, omegas, omega_bars, strict=True)
         ]
         results = ray.get(calls)
         self._note(results)
@@ -198,12 +211,24 @@ class ExpertActor:
         torch.set_num_threads(1)  # one expert per core; BLAS threads would oversubscribe
         self.solver = ExpertSolver(config, device)
         self.gpu_ids = [str(g) for g in gpu_ids]
+        self.held: tuple[str, Params] | None = None  # the latest solve's rows, for its vjp
 
-    def solve(self, params: tuple[np.ndarray, ...]) -> dict[str, Any]:
-        return self.solver.solve(from_wire(params))
+    def solve(self, params: tuple[np.ndarray, ...], token: str) -> dict[str, Any]:
+        tensors = from_wire(params)
+        self.held = (token, tensors)
+        return self.solver.solve(tensors)
 
-    def vjp(self, params: tuple[np.ndarray, ...], omega, omega_bar) -> dict[str, Any]:
-        return self.solver.vjp(from_wire(params), omega, omega_bar)
+    def vjp(self, token: str, ref: list, omega, omega_bar) -> dict[str, Any]:
+        """The backward of the solve `token`, on the rows kept from it; a restarted
+        process, which holds none, fetches them again from the object store."""
+        import ray
+
+        if self.held is not None and self.held[0] == token:
+            tensors = self.held[1]
+        else:
+            tensors = from_wire(ray.get(ref[0]))
+        self.held = None
+        return self.solver.vjp(tensors, omega, omega_bar)
 
     def where(self) -> dict[str, Any]:
         import ray
