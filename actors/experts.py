@@ -262,14 +262,18 @@ class ExpertsFunction(torch.autograd.Function):
             params.append(tuple(t.detach() for t in flat[i : i + n]))
             i += n
         solved = executor.solve(params)
-        ctx.executor, ctx.token, ctx.omegas = executor, solved.token, solved.omegas
+        ctx.executor, ctx.token = executor, solved.token
         ctx.dtypes = [t.dtype for t in flat]
+        # The omegas are this node's outputs: kept as a ctx attribute they would hold the
+        # node that holds them, and every step's graph (and rows) would stay in memory.
+        ctx.save_for_backward(*solved.omegas)
         record["solved"] = solved
         return tuple(solved.omegas)
 
     @staticmethod
     def backward(ctx, *omega_bars):
-        grads = ctx.executor.vjp(ctx.token, ctx.omegas, [g.contiguous() for g in omega_bars])
+        omegas = list(ctx.saved_tensors)
+        grads = ctx.executor.vjp(ctx.token, omegas, [g.contiguous() for g in omega_bars])
         flat = [dense(g) for per_expert in grads for g in per_expert]
         return (None, None, None, *(g.to(dt) for g, dt in zip(flat, ctx.dtypes, strict=True)))
 

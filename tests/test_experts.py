@@ -81,6 +81,21 @@ def test_ray_experts_match_in_process_and_survive_a_kill(local_ray):
         remote.close()
 
 
+def test_a_step_leaves_nothing_behind():
+    """Once the loss and the solutions are gone, the experts' node and the rows it keeps for
+    the backward are freed: training keeps one step's graph, not every step's."""
+    import gc
+    import weakref
+
+    basis, params = expert_params()
+    omegas, solved = solve_experts(InProcessExperts(CONFIG, 4), params)
+    sum((w**2).sum() for w in omegas).backward()
+    kept = weakref.ref(solved.token[0][0])  # expert 0's first row matrix, as it was solved
+    del omegas, solved
+    gc.collect()
+    assert kept() is None
+
+
 def test_one_expert_per_gpu_across_two_nodes():
     from ray.cluster_utils import Cluster
 
