@@ -417,8 +417,8 @@ def learning_rate(t: TrainingSpec, step: int, base: float | None = None) -> floa
     state. Why the warm-up: Adam's first steps move every weight by about lr whatever the
     gradient's size, and a single-constraint (PI-HC) model started at full rate can fall
     within five steps onto a basis whose solves return a constant u (zero PDE residual) and
-    stay there, its gradient near zero; ramped up over 100 steps it trains (quick benchmark,
-    lr 3e-3: 70 % -> 7 % test error at step 200 for seeds 0 and 1)."""
+    stay there, its gradient near zero. Quick benchmark, lr 3e-3, 1 000 steps: 70 % test
+    error in two seeds of three at full rate from the start, 1.6-3.9 % ramped up over 100."""
     base = t.lr if base is None else base
     ramp = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0
     return base * ramp * 0.5 ** (step // t.lr_halve_every)
