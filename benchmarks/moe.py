@@ -179,29 +179,46 @@ def step_timing(root: str, size: dict) -> dict[str, float]:
     return out
 
 
-def _backward_probe(kind: str, problem_file: str, queue) -> None:
-    """In a fresh process: peak-RSS growth and time of one solve + backward."""
+def _backward_probe(kind: str, problem_file: str, queue, repeats: int = 3) -> None:
+    """In a fresh process: peak-RSS growth of one solve + backward, and the median time of
+    `repeats` of them (the first is the one whose memory is measured)."""
     torch.set_num_threads(1)
     from actors.constraint import LMOptions, solve, solve_unrolled
     from actors.pinn import constraint_for
 
     data = torch.load(problem_file, weights_only=False)
     residual_fn = constraint_for("diffusion-sorption", {"t_end": 500.0}).residual_fn
-    params = tuple(p.clone().requires_grad_(p.is_floating_point()) for p in data["params"])
     options = LMOptions(max_iterations=20, tolerance=1e-4)
     n = data["n"]
-    solve(residual_fn, tuple(p.detach() for p in params), options=options, n_unknowns=n)
+    solve(residual_fn, data["params"], options=options, n_unknowns=n)
+
+    def leaves():
+        return tuple(p.clone().requires_grad_(p.is_floating_point()) for p in data["params"])
+
+    params = leaves()
     base = _reset_peak_rss()
-    t0 = time.perf_counter()
-    if kind == "implicit":
-        omega, _ = solve(residual_fn, params, options=options, n_unknowns=n)
-    else:
-        omega = solve_unrolled(residual_fn, params, options=options, n_unknowns=n)
-    t1 = time.perf_counter()
-    (omega**2).sum().backward()
-    t2 = time.perf_counter()
-    peak = _peak_rss()
-    queue.put({"forward_s": t1 - t0, "backward_s": t2 - t1, "peak_mb": (peak - base) / 1024})
+    forward, backward, peak = [], [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        if kind == "implicit":
+            omega, _ = solve(residual_fn, params, options=options, n_unknowns=n)
+        else:
+            omega = solve_unrolled(residual_fn, params, options=options, n_unknowns=n)
+        t1 = time.perf_counter()
+        (omega**2).sum().backward()
+        t2 = time.perf_counter()
+        peak = _peak_rss() if peak is None else peak
+        forward.append(t1 - t0)
+        backward.append(t2 - t1)
+        del omega
+        params = leaves()
+    queue.put(
+        {
+            "forward_s": statistics.median(forward),
+            "backward_s": statistics.median(backward),
+            "peak_mb": (peak - base) / 1024,
+        }
+    )
 
 
 def _status_kb(field: str) -> int:
