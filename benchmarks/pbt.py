@@ -105,7 +105,9 @@ def moe_spec(size: dict, strategy: str, seed: int):
                 "model": {"kind": "moe", "basis": 8, "width": 8, "modes": 4, "layers": 2,
                           "splits": [1, 2]},
                 "constraint": {"max_iterations": 15, "collocation_points": 100},
-                "training": {"steps": size["steps"], "batch_size": 2, "lr": 3e-3},
+                # members this short search lr without a warm-up, as they were measured
+                "training": {"steps": size["steps"], "batch_size": 2, "lr": 3e-3,
+                             "warmup_steps": 0},
                 "experts": {"executor": "local"},
             },
             "eval_samples": size["samples"],  # the whole test split
