@@ -265,6 +265,27 @@ class Checkpoints:
         return name
 
 
+def spec_changes(before: dict[str, Any], after: dict[str, Any], limit: int = 4) -> str:
+    """What differs between two resolved specs, as `key: old -> new` (dotted keys; a key
+    one of them lacks shows as `absent`), training.steps aside, at most `limit` of them."""
+
+    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    old, new = flat(before), flat(after)
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, ...) != new.get(k, ...))
+    keys = [k for k in keys if k != "training.steps"]
+    shown = [f"{k}: {old.get(k, 'absent')} -> {new.get(k, 'absent')}" for k in keys[:limit]]
+    more = len(keys) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+
 def _resumable_digest(spec: TrainSpec) -> str:
     """Everything but the step budget must match for a run to be continued."""
     return spec.model_copy(
@@ -333,12 +354,13 @@ def train(
             f"--resume: run {spec.name!r} has no checkpoint in {checkpoints.folder.url}"
         )
     if latest is not None:
-        if latest["spec_digest"] != digest:
-            raise UserError(
-                f"--resume: run {spec.name!r} was started from a different spec; only "
-                f"training.steps may change when resuming"
-            )
         state = checkpoints.load(latest)
+        if latest["spec_digest"] != digest:
+            changed = spec_changes(state.get("spec", {}), spec.resolved())
+            raise UserError(
+                f"--resume: run {spec.name!r} was started from a different spec ({changed}); "
+                f"only training.steps may change when resuming"
+            )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, run_id = state["step"], state["run_id"]

@@ -12,7 +12,7 @@ from flows.cli import app
 from flows.errors import UserError
 from flows.preprocess import PreprocessSpec, run_preprocess
 from flows.storage import Storage
-from flows.train import TrainSpec, learning_rate, train
+from flows.train import TrainSpec, learning_rate, spec_changes, train
 
 runner = CliRunner()
 
@@ -90,10 +90,20 @@ def test_resume_continues_from_the_checkpoint(tiny):
     # the resumed steps carry on the warm-up where the first run left it
     rates = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(first.run_id, "lr")}
     assert rates == pytest.approx({s: 3e-3 * s / 100 for s in range(1, 10)})
-    with pytest.raises(UserError, match="different spec"):
+    with pytest.raises(UserError, match=r"different spec \(training.lr: 0.003 -> 0.01\)"):
         train(spec(training__steps=12, training__lr=1e-2), tiny, resume=True)
     with pytest.raises(UserError, match="has no checkpoint"):
         train(spec(name="never-ran"), tiny, resume=True)
+
+
+def test_spec_changes_name_what_differs():
+    before = {"training": {"steps": 10, "lr": 0.001}, "model": {"kind": "moe"}}
+    after = {"training": {"steps": 20, "lr": 0.01, "warmup_steps": 100}, "model": {"kind": "moe"}}
+    assert spec_changes(before, after) == (
+        "training.lr: 0.001 -> 0.01, training.warmup_steps: absent -> 100"
+    )
+    many = {"a": dict.fromkeys("pqrstu", 1)}
+    assert spec_changes({}, many, limit=2).endswith("a.q: absent -> 1 and 4 more")
 
 
 def test_learning_rate_warms_up_then_halves():
