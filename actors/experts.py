@@ -27,16 +27,9 @@ import torch
 
 from actors.constraint.residual import dense
 from actors.expert import ExpertConfig, ExpertSolver
+from actors.heap import HEAP_ENV
 
 Params = tuple[torch.Tensor, ...]
-
-# Expert processes keep buffers below 32 MiB on the heap (glibc), so that a solve's
-# temporaries and the rows it copies out of the object store reuse memory from the last
-# step instead of being mapped, page-faulted in and unmapped again on every call.
-EXPERT_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
-    "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20),
-}
 
 
 @dataclass
@@ -136,7 +129,7 @@ class RayExperts:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.group, placement_group_bundle_index=k
                 ),
-                runtime_env={"env_vars": dict(EXPERT_ENV)},
+                runtime_env={"env_vars": dict(HEAP_ENV)},
             ).remote(config)
             for k in range(num_experts)
         ]

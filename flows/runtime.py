@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import Iterator
 
+from actors.heap import HEAP_ENV
 from flows.errors import UserError
 
 DASK_ADDRESS_VARS = ("PHYSFLOW_DASK_ADDRESS", "DASK_SCHEDULER_ADDRESS")
@@ -62,14 +63,6 @@ def dask_client(address: str | None = None, workers: int | None = None) -> Itera
             client.close()
 
 
-# Set in each worker process before it starts. Dask sets glibc's trim threshold to 64 KiB,
-# which also freezes the mmap threshold at 128 KiB: every FFT buffer of a simulation step is
-# then mmapped and unmapped, and the simulators run at half speed. Large buffers come from
-# the heap below 32 MiB instead, and the heap is trimmed above 64 MiB.
-WORKER_PRE_SPAWN_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
-    "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20),
-}
 # One thread per worker process: simulations are numpy-bound and hold the GIL.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
@@ -80,9 +73,7 @@ def local_cluster(workers: int) -> Iterator:
     import dask
     from distributed import LocalCluster
 
-    pre_spawn = {
-        f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_PRE_SPAWN_ENV.items()
-    }
+    pre_spawn = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in HEAP_ENV.items()}
     with dask.config.set(pre_spawn), _workers_ignore_ctrl_c():
         cluster = LocalCluster(
             n_workers=workers,

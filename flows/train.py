@@ -268,17 +268,9 @@ class Checkpoints:
 def spec_changes(before: dict[str, Any], after: dict[str, Any], limit: int = 4) -> str:
     """What differs between two resolved specs, as `key: old -> new` (dotted keys; a key
     one of them lacks shows as `absent`), training.steps aside, at most `limit` of them."""
+    from flows.tracking import flatten
 
-    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-
-    old, new = flat(before), flat(after)
+    old, new = flatten(before), flatten(after)
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k, ...) != new.get(k, ...))
     keys = [k for k in keys if k != "training.steps"]
     shown = [f"{k}: {old.get(k, 'absent')} -> {new.get(k, 'absent')}" for k in keys[:limit]]
