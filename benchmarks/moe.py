@@ -5,11 +5,14 @@
 In one run, with equal steps and seeds:
 1. accuracy — test relative L2 of PI-SC, PI-HC and PI-HC-MoE (K = 4) after training;
 2. step time of PI-HC vs PI-HC-MoE at the same total collocation points, experts as Ray
-   actors on 2 workers;
+   actors on 2 workers: the median step of a short training run of each on a finer grid,
+   after its first third (a network at initialisation needs 0-2 LM iterations per solve,
+   a training one 5-20, so steps of an untrained model would time almost no solver);
 3. implicit (IFT) vs unrolled backward of the experts' solve: time, and peak memory
    measured in a fresh process each;
-4. the experts' phase of the same MoE step with its four Ray actors on 1 core and on 2
-   (parallel efficiency), and in this process on one thread (for what Ray costs);
+4. the experts' phase of the same MoE training steps with its four Ray actors on 2 cores
+   and with every Ray process on 1 core (parallel efficiency: the same seed gives the
+   same steps, compared step by step);
 5. the share of the MoE step spent outside the experts' solves.
 
 Prints a table, then one JSON line: rel_l2_sc, rel_l2_hc, rel_l2_moe,
@@ -34,9 +37,11 @@ import torch
 # experts see the same rows; timing: the same total points, split four ways for the MoE.
 SIZES = {
     True: dict(samples=48, nx=64, nt=21, steps=1000, width=16, layers=3, points=10**6,
-               timing_nx=512, timing_nt=51, timing_points=24000, repeats=5, ift_batch=16),
+               timing_nx=512, timing_nt=51, timing_points=24000, timing_steps=120,
+               ift_batch=16),
     False: dict(samples=200, nx=256, nt=51, steps=1000, width=32, layers=4, points=10**6,
-                timing_nx=1024, timing_nt=101, timing_points=80000, repeats=5, ift_batch=32),
+                timing_nx=1024, timing_nt=101, timing_points=80000, timing_steps=300,
+                ift_batch=32),
 }  # fmt: skip
 
 
@@ -59,11 +64,25 @@ def publish(root: str, size: dict, name: str, nx: int, nt: int, samples: int) ->
 
 
 def train_spec(kind: str, size: dict, dataset: str, **extra):
+    """The benchmark's run of `kind`; `extra` may set points, steps, executor,
+    cpus_per_expert, warmup_steps, log_every and name."""
     from flows.train import TrainSpec
 
+    steps = extra.get("steps", size["steps"])
+    training = {
+        "steps": steps,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "lr_halve_every": max(steps // 3, 1),
+        "checkpoint_every": 10**6,
+        "log_every": extra.get("log_every", 10),
+        "seed": 0,
+    }
+    if "warmup_steps" in extra:
+        training["warmup_steps"] = extra["warmup_steps"]
     return TrainSpec.model_validate(
         {
-            "name": f"bench-{kind}",
+            "name": extra.get("name", f"bench-{kind}"),
             "dataset": dataset,
             "model": {
                 "kind": kind,
@@ -77,16 +96,11 @@ def train_spec(kind: str, size: dict, dataset: str, **extra):
                 "max_iterations": 20,
                 "collocation_points": extra.get("points", size["points"]),
             },
-            "training": {
-                "steps": size["steps"],
-                "batch_size": 4,
-                "lr": 3e-3,
-                "lr_halve_every": max(size["steps"] // 3, 1),
-                "checkpoint_every": 10**6,
-                "log_every": 10,
-                "seed": 0,
+            "training": training,
+            "experts": {
+                "executor": extra.get("executor", "local"),
+                "cpus_per_expert": extra.get("cpus_per_expert"),
             },
-            "experts": {"executor": extra.get("executor", "local")},
         }
     )
 
@@ -120,62 +134,69 @@ def model_and_batch(root: str, size: dict, kind: str, points: int, batch: int = 
     return model, u[:, 0].float()
 
 
-def time_steps(model, initial, repeats: int) -> tuple[float, float]:
-    """Median wall time of a full training step (forward, solves, loss, backward) and of
-    its experts' phase (solve + implicit backward, measured by the executor)."""
-    steps, experts = [], []
-    for i in range(repeats + 1):
-        generator = torch.Generator().manual_seed(i)
-        t0 = time.perf_counter()
-        loss, _, solved = model.loss(initial, generator)
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        t2 = time.perf_counter()
-        if i:  # the first step warms up (imports, allocator, Ray object store)
-            steps.append(t2 - t0)
-            experts.append(solved.seconds + getattr(model.executor, "last_vjp_seconds", 0.0))
-    return statistics.median(steps), statistics.median(experts)
+# (executor variant, model kind, experts, CPUs per expert, Ray's processes on one core)
+TIMING_RUNS = (
+    ("hc", "hc", 1, 1.0, False),
+    ("moe", "moe", 4, 0.5, False),
+    ("moe_1core", "moe", 4, 0.5, True),
+)
+
+
+def training_steps(root: str, size: dict, name: str, kind: str, experts: int, cpus: float):
+    """Train `kind` on the timing data set with its experts as Ray actors (on the Ray this
+    process has started) -> per step: wall time, experts' phase, mean LM iterations."""
+    import mlflow
+
+    from flows.storage import Storage
+    from flows.train import train
+
+    spec = train_spec(
+        kind, size, "bench-timing", name=f"bench-timing-{name}",
+        points=size["timing_points"] // experts, steps=size["timing_steps"],
+        warmup_steps=max(size["timing_steps"] // 4, 1), log_every=1,
+        executor="ray", cpus_per_expert=cpus,
+    )  # fmt: skip
+    result = train(spec, Storage.at(root))
+    client = mlflow.MlflowClient()
+    out = {}
+    for key in ("step_seconds", "expert_seconds", "lm_iterations"):
+        history = sorted(client.get_metric_history(result.run_id, key), key=lambda m: m.step)
+        out[key] = [m.value for m in history]
+    return out
 
 
 def step_timing(root: str, size: dict) -> dict[str, float]:
+    """Medians over the training steps after the first third (the warm-up and the network's
+    first moves, when the solves need few iterations)."""
     import ray
 
-    from actors.experts import InProcessExperts, RayExperts
     from flows.runtime import start_local_ray
 
-    total = size["timing_points"]
-    out = {}
-    start_local_ray(2)
-    try:
-        hc, initial = model_and_batch(root, size, "hc", total)
-        hc.executor = RayExperts(hc.expert_config(), 1, cpus_per_expert=1.0)
-        out["hc_step"], out["hc_experts"] = time_steps(hc, initial, size["repeats"])
-        hc.executor.close()
-
-        moe, initial = model_and_batch(root, size, "moe", total // 4)
-        moe.executor = RayExperts(moe.expert_config(), 4, cpus_per_expert=0.5)
-        out["moe_step"], out["moe_experts_2"] = time_steps(moe, initial, size["repeats"])
-        # The same four actors on one core: one worker. Ray's CPUs are only bookkeeping,
-        # so the actors' processes are pinned to the core for the measurement.
-        pids = [w["pid"] for w in moe.executor.placement()]
-        cores = os.sched_getaffinity(pids[0])
+    runs = {}
+    cores = os.sched_getaffinity(0)
+    for name, kind, experts, cpus, one_core in TIMING_RUNS:
+        if one_core:  # Ray's processes inherit this process's affinity when they start
+            os.sched_setaffinity(0, {min(cores)})
         try:
-            for pid in pids:
-                os.sched_setaffinity(pid, {min(cores)})
-            out["moe_step_1"], out["moe_experts_1"] = time_steps(moe, initial, size["repeats"])
+            start_local_ray(2)
         finally:
-            for pid in pids:
-                os.sched_setaffinity(pid, cores)
-        moe.executor.close()
-    finally:
-        ray.shutdown()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # in this process, the four experts one after the other
-    try:
-        moe.executor = InProcessExperts(moe.expert_config(), 4)
-        out["moe_step_local"], out["moe_experts_local"] = time_steps(moe, initial, size["repeats"])
-    finally:
-        torch.set_num_threads(threads)
+            os.sched_setaffinity(0, cores)
+        try:
+            runs[name] = training_steps(root, size, name, kind, experts, cpus)
+        finally:
+            ray.shutdown()
+        print(f"  {name}: {statistics.median(runs[name]['step_seconds']):.3f} s/step", flush=True)
+    skip = size["timing_steps"] // 3
+    out = {}
+    for name, run in runs.items():
+        for key, values in run.items():
+            out[f"{name}_{key}"] = statistics.median(values[skip:])
+    # the same steps (same seed) on one core and on two: compared step by step
+    one, two = runs["moe_1core"]["expert_seconds"], runs["moe"]["expert_seconds"]
+    pairs = zip(one[skip:], two[skip:], strict=True)
+    out["efficiency"] = statistics.median(a / (2 * b) for a, b in pairs)
+    its_one, its_two = runs["moe_1core"]["lm_iterations"], runs["moe"]["lm_iterations"]
+    out["iterations_differ"] = max(abs(a - b) for a, b in zip(its_one, its_two, strict=True))
     return out
 
 
@@ -287,12 +308,14 @@ def main() -> None:
 
     print(f"\n{'figure':<44} {'value':>12}")
     rows = [
-        ("PI-HC step, 1 expert, M points (s)", timing["hc_step"]),
-        ("PI-HC expert's phase (s)", timing["hc_experts"]),
-        ("PI-HC-MoE step, 4 experts on 2 workers (s)", timing["moe_step"]),
-        ("MoE experts' phase, 1 Ray worker (s)", timing["moe_experts_1"]),
-        ("MoE experts' phase, 2 Ray workers (s)", timing["moe_experts_2"]),
-        ("MoE experts' phase, in-process, 1 thread (s)", timing["moe_experts_local"]),
+        ("PI-HC step, 1 expert, M points (s)", timing["hc_step_seconds"]),
+        ("PI-HC expert's phase (s)", timing["hc_expert_seconds"]),
+        ("PI-HC LM iterations per solve", timing["hc_lm_iterations"]),
+        ("PI-HC-MoE step, 4 experts on 2 workers (s)", timing["moe_step_seconds"]),
+        ("MoE experts' phase, Ray on 2 cores (s)", timing["moe_expert_seconds"]),
+        ("MoE experts' phase, Ray on 1 core (s)", timing["moe_1core_expert_seconds"]),
+        ("MoE LM iterations per solve", timing["moe_lm_iterations"]),
+        ("MoE iterations, 1 vs 2 cores: largest gap", timing["iterations_differ"]),
         (
             "implicit: solve + backward (s)",
             backward["implicit"]["forward_s"] + backward["implicit"]["backward_s"],
@@ -314,13 +337,15 @@ def main() -> None:
         "rel_l2_sc": round(rel["sc"], 4),
         "rel_l2_hc": round(rel["hc"], 4),
         "rel_l2_moe": round(rel["moe"], 4),
-        "step_speedup_moe_vs_hc": round(timing["hc_step"] / timing["moe_step"], 3),
+        "step_speedup_moe_vs_hc": round(timing["hc_step_seconds"] / timing["moe_step_seconds"], 3),
         "ift_speedup_vs_unrolled": round(unrolled / implicit, 3),
         "ift_memory_ratio": round(
             backward["unrolled"]["peak_mb"] / max(backward["implicit"]["peak_mb"], 1e-3), 3
         ),
-        "parallel_efficiency_2": round(timing["moe_experts_1"] / (2 * timing["moe_experts_2"]), 3),
-        "overhead_fraction": round(1 - timing["moe_experts_2"] / timing["moe_step"], 3),
+        "parallel_efficiency_2": round(timing["efficiency"], 3),
+        "overhead_fraction": round(
+            1 - timing["moe_expert_seconds"] / timing["moe_step_seconds"], 3
+        ),
     }
     print(json.dumps(figures))
 
