@@ -125,6 +125,24 @@ def test_per_problem_masks_stop_converged_problems():
     torch.testing.assert_close(alone.omega[0], sol.omega[0], rtol=0, atol=1e-14)
 
 
+def test_running_set_changes_keep_each_problem_its_own_rows():
+    # Three problems that stop at three different iterations: the set of running problems
+    # (whose rows the solver selects and keeps) changes twice; each must still be solved
+    # exactly as it is alone.
+    a = torch.tensor([0.0, 2.0, 8.0], dtype=F64)
+    params, omega_star = pde_problem(3, 60, 8, a=a, seed=5)
+    sol = levenberg_marquardt(pde_like, torch.zeros(3, 8, dtype=F64), params, TIGHT)
+    assert sol.converged.all()
+    assert len(set(sol.iterations.tolist())) == 3, sol.iterations
+    torch.testing.assert_close(sol.omega, omega_star, rtol=0, atol=1e-9)
+    for k in range(3):
+        alone = levenberg_marquardt(
+            pde_like, torch.zeros(1, 8, dtype=F64), tuple(p[k : k + 1] for p in params), TIGHT
+        )
+        assert int(alone.iterations[0]) == int(sol.iterations[k])
+        torch.testing.assert_close(alone.omega[0], sol.omega[k], rtol=0, atol=1e-14)
+
+
 # 2-4. Implicit gradients against independent truth ----------------------------------------
 
 
