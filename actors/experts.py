@@ -136,6 +136,7 @@ class RayExperts:
         self.incarnations = [w["incarnation"] for w in self.placement()]
         self.restarts = 0
         self.last_vjp_seconds = 0.0
+        self.solve_seconds = [0.0] * num_experts  # each expert's latest solve, in the actor
 
     def _note(self, results: list[dict[str, Any]]) -> None:
         for k, r in enumerate(results):
@@ -146,23 +147,34 @@ class RayExperts:
     def solve(self, params: list[Params]) -> Solved:
         import ray
 
+        if len(params) != self.num_experts:
+            raise ValueError(f"expected {self.num_experts} experts' params, got {len(params)}")
         t0 = time.perf_counter()
         # Each expert receives only its own slice, as NumPy arrays (Ray stores those as raw
         # buffers; a pickled tensor costs ~5x as much to put and to read), and starts as
-        # soon as its slice is stored, while the next one is put.
-        refs, calls = [], []
+        # soon as its slice is stored, while the next one is put. The slices are put
+        # longest solve first (by the previous step's times): the driver's puts take
+        # about as long as a short solve, and the expert that bounds the step should not
+        # wait for the others' puts.
+        refs: list[Any] = [None] * self.num_experts
+        calls: list[Any] = [None] * self.num_experts
         token = uuid.uuid4().hex
-        for actor, p in zip(self.actors, params, strict=True):
-            refs.append(ray.put(to_wire(p)))
-            calls.append(actor.solve.remote(refs[-1], token))
+        for k in self.put_order():
+            refs[k] = ray.put(to_wire(params[k]))
+            calls[k] = self.actors[k].solve.remote(refs[k], token)
         results = ray.get(calls)
         self._note(results)
+        self.solve_seconds = [r["diagnostics"]["seconds"] for r in results]
         return Solved(
             [r["omega"] for r in results],
             [r["diagnostics"] for r in results],
             (token, refs),
             time.perf_counter() - t0,
         )
+
+    def put_order(self) -> list[int]:
+        """Experts by their previous solve's time, longest first (in order at first)."""
+        return sorted(range(self.num_experts), key=lambda k: -self.solve_seconds[k])
 
     def vjp(self, token, omegas, omega_bars) -> list[tuple[torch.Tensor, ...]]:
         import ray

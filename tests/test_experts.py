@@ -67,7 +67,11 @@ def test_ray_experts_match_in_process_and_survive_a_kill(local_ray):
         (g_r,) = torch.autograd.grad(sum((w**2).sum() for w in omegas_r), basis)
         torch.testing.assert_close(g_l, g_r)
         assert g_r.abs().sum() > 0
+        assert remote.solve_seconds == [d["seconds"] for d in solved.diagnostics]
 
+        # The next solve puts the slowest expert's rows first; each expert still gets its own.
+        remote.solve_seconds = [0.1, 0.4, 0.2, 0.3]
+        assert remote.put_order() == [1, 3, 2, 0]
         # Kill one expert's process: Ray restarts it and the call is retried.
         before = remote.placement()[2]
         ray.kill(remote.actors[2], no_restart=False)
