@@ -134,7 +134,7 @@ def model_and_batch(root: str, size: dict, kind: str, points: int, batch: int = 
     return model, u[:, 0].float()
 
 
-# (executor variant, model kind, experts, CPUs per expert, Ray's processes on one core)
+# (run, model kind, experts, CPUs per expert, Ray's processes all on one core)
 TIMING_RUNS = (
     ("hc", "hc", 1, 1.0, False),
     ("moe", "moe", 4, 0.5, False),
@@ -173,6 +173,7 @@ def step_timing(root: str, size: dict) -> dict[str, float]:
     from flows.runtime import start_local_ray
 
     runs = {}
+    skip = size["timing_steps"] // 3
     cores = os.sched_getaffinity(0)
     for name, kind, experts, cpus, one_core in TIMING_RUNS:
         if one_core:  # Ray's processes inherit this process's affinity when they start
@@ -185,8 +186,8 @@ def step_timing(root: str, size: dict) -> dict[str, float]:
             runs[name] = training_steps(root, size, name, kind, experts, cpus)
         finally:
             ray.shutdown()
-        print(f"  {name}: {statistics.median(runs[name]['step_seconds']):.3f} s/step", flush=True)
-    skip = size["timing_steps"] // 3
+        seconds = statistics.median(runs[name]["step_seconds"][skip:])
+        print(f"  {name}: {seconds:.3f} s/step", flush=True)
     out = {}
     for name, run in runs.items():
         for key, values in run.items():
