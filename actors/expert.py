@@ -33,9 +33,11 @@ class ExpertConfig:
 class ExpertSolver:
     """Solve expert k's problems for a batch; differentiate the solution implicitly."""
 
-    def __init__(self, config: ExpertConfig, device: str = "cpu"):
+    def __init__(self, config: ExpertConfig, device: str = "cpu", keep_on_device: bool = False):
         self.config = config
         self.device = torch.device(device)
+        # Results go back to the host for Ray; in-process they stay where the model is.
+        self.out = self.device if keep_on_device else torch.device("cpu")
         self.residual_fn = constraint_for(config.pde, config.parameters).residual_fn
         # Changes when a process is replaced: the driver counts restarts with it.
         self.incarnation = uuid.uuid4().hex[:8]
@@ -52,7 +54,7 @@ class ExpertSolver:
             omega0 = starting_point(self.residual_fn, params, self.config.basis_size)
             solution = levenberg_marquardt(self.residual_fn, omega0, params, self.config.options)
         return {
-            "omega": solution.omega.cpu(),
+            "omega": solution.omega.to(self.out),
             "diagnostics": {**solution.summary(), "seconds": time.perf_counter() - t0},
             "converged": solution.converged.cpu(),
             "incarnation": self.incarnation,
@@ -78,7 +80,7 @@ class ExpertSolver:
             factored=True,  # row matrices' cotangents as rank-2 factors: N / 2 times smaller
         )
         return {
-            "grads": tuple(g.to("cpu") for g in grads),
+            "grads": tuple(g.to(self.out) for g in grads),
             "diagnostics": {**stats, "seconds": time.perf_counter() - t0},
             "incarnation": self.incarnation,
         }

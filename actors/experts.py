@@ -46,12 +46,16 @@ class InProcessExperts:
 
     config: ExpertConfig
     num_experts: int
+    device: str = "cpu"  # the model's: results stay there, no round trip through the host
     restarts: int = 0
     last_vjp_seconds: float = 0.0  # wall time of the latest backward through the experts
     solvers: list[ExpertSolver] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.solvers = [ExpertSolver(self.config) for _ in range(self.num_experts)]
+        self.solvers = [
+            ExpertSolver(self.config, self.device, keep_on_device=True)
+            for _ in range(self.num_experts)
+        ]
 
     def solve(self, params: list[Params]) -> Solved:
         t0 = time.perf_counter()
@@ -269,6 +273,7 @@ class ExpertsFunction(torch.autograd.Function):
         solved = executor.solve(params)
         ctx.executor, ctx.token = executor, solved.token
         ctx.dtypes = [t.dtype for t in flat]
+        ctx.devices = [t.device for t in flat]
         # The omegas are this node's outputs: kept as a ctx attribute they would hold the
         # node that holds them, and every step's graph (and rows) would stay in memory.
         ctx.save_for_backward(*solved.omegas)
@@ -279,8 +284,17 @@ class ExpertsFunction(torch.autograd.Function):
     def backward(ctx, *omega_bars):
         omegas = list(ctx.saved_tensors)
         grads = ctx.executor.vjp(ctx.token, omegas, [g.contiguous() for g in omega_bars])
-        flat = [dense(g) for per_expert in grads for g in per_expert]
-        return (None, None, None, *(g.to(dt) for g, dt in zip(flat, ctx.dtypes, strict=True)))
+        # to the inputs' device before expanding: a row matrix's factors are N / 2 smaller
+        flat = [g for per_expert in grads for g in per_expert]
+        return (
+            None,
+            None,
+            None,
+            *(
+                dense(g.to(device=d, dtype=dt))
+                for g, d, dt in zip(flat, ctx.devices, ctx.dtypes, strict=True)
+            ),
+        )
 
 
 def solve_experts(executor, params: list[Params]) -> tuple[list[torch.Tensor], Solved]:

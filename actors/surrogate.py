@@ -73,9 +73,16 @@ class PDESurrogate(nn.Module):
     def expert_config(self) -> ExpertConfig:
         return ExpertConfig(self.pde, self.pde_parameters, self.options, self.basis_size)
 
+    @property
+    def device(self) -> torch.device:
+        return getattr(self, f"grid_{self.axes[0]}").device
+
     def _executor(self):
-        if self.executor is None:
-            self.executor = InProcessExperts(self.expert_config(), self.num_experts)
+        in_process = isinstance(self.executor, InProcessExperts)
+        if self.executor is None or (in_process and self.executor.device != str(self.device)):
+            self.executor = InProcessExperts(
+                self.expert_config(), self.num_experts, str(self.device)
+            )
         return self.executor
 
     def fields(
@@ -86,6 +93,7 @@ class PDESurrogate(nn.Module):
     ) -> tuple[dict[str, torch.Tensor], Solved | None]:
         """initial (B, *space) -> the solution's fields on the grid (the solution and the
         derivatives the PDE needs) and the experts' record (None for sc)."""
+        initial = initial.to(self.device)
         if self.kind == "sc":
             u = self.network(initial, self.grids).to(torch.float64)  # (B, *grid)
             derivs = self.constraint.derivatives(u[:, None], self.grids)
@@ -122,7 +130,7 @@ class PDESurrogate(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, Solved | None]:
         """The physics-only training loss -> (loss, u, experts' record)."""
         fields, solved = self.fields(initial, generator)
-        loss = self.constraint.fields_loss(fields, initial.to(torch.float64))
+        loss = self.constraint.fields_loss(fields, initial.to(self.device, torch.float64))
         return loss, fields[self.constraint.value_key], solved
 
     def forward(self, initial: torch.Tensor) -> torch.Tensor:

@@ -141,6 +141,11 @@ class PbtSpec(Spec):
         if self.trainable == "pde":
             if self.train is None:
                 raise ValueError("train: required by the pde trainable (a physflow train spec)")
+            if self.train.training.device == "cuda":
+                raise ValueError(
+                    "train.training.device: cuda is not supported for population members "
+                    "yet (they train on the CPU; their experts can still take GPUs)"
+                )
             for key in self.search_space:
                 if key not in PBT_HPARAMS:
                     raise ValueError(

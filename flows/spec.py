@@ -31,8 +31,13 @@ class Spec(BaseModel):
 
     def digest(self) -> str:
         """A short, stable hash of the resolved spec: equal specs, equal digests."""
-        text = json.dumps(self.resolved(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return digest_of(self.resolved())
+
+
+def digest_of(data: dict[str, Any]) -> str:
+    """A short, stable hash of JSON-compatible data (key order does not matter)."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

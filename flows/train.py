@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 
 from flows.datasets import NAME_PATTERN, Dataset, open_dataset
 from flows.errors import UserError
-from flows.spec import Spec
+from flows.spec import Spec, digest_of
 from flows.storage import Storage
 
 EXPERIMENT = "train"
@@ -93,6 +93,11 @@ class TrainingSpec(Spec):
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="where the network trains: auto takes a GPU when torch sees one "
+        "(population members train on the CPU)",
+    )
 
 
 class ExpertsSpec(Spec):
@@ -267,22 +272,45 @@ class Checkpoints:
 
 def spec_changes(before: dict[str, Any], after: dict[str, Any], limit: int = 4) -> str:
     """What differs between two resolved specs, as `key: old -> new` (dotted keys; a key
-    one of them lacks shows as `absent`), training.steps aside, at most `limit` of them."""
+    one of them lacks shows as `absent`), `RESUMABLE_CHANGES` aside, at most `limit` of
+    them."""
     from flows.tracking import flatten
 
     old, new = flatten(before), flatten(after)
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k, ...) != new.get(k, ...))
-    keys = [k for k in keys if k != "training.steps"]
+    keys = [k for k in keys if k not in RESUMABLE_CHANGES]
     shown = [f"{k}: {old.get(k, 'absent')} -> {new.get(k, 'absent')}" for k in keys[:limit]]
     more = len(keys) - len(shown)
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
+# What may change when a run is continued: its step budget, and the device (a run may
+# continue on another machine).
+RESUMABLE_CHANGES = ("training.steps", "training.device")
+
+
 def _resumable_digest(spec: TrainSpec) -> str:
-    """Everything but the step budget must match for a run to be continued."""
-    return spec.model_copy(
+    """Everything but `RESUMABLE_CHANGES` must match for a run to be continued. (The
+    device is left out of the data, not set to a constant, so that runs checkpointed before
+    it existed keep their digest.)"""
+    data = spec.model_copy(
         update={"training": spec.training.model_copy(update={"steps": 0})}
-    ).digest()
+    ).resolved()
+    del data["training"]["device"]
+    return digest_of(data)
+
+
+def training_device(spec: TrainSpec):
+    """The torch device of `training.device`; cuda without a GPU that torch can use is a
+    user error."""
+    import torch
+
+    wanted = spec.training.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise UserError("training.device: cuda, but torch sees no GPU on this machine")
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(wanted)
 
 
 # Training --------------------------------------------------------------------------------
@@ -303,7 +331,7 @@ def evaluate(model, dataset: Dataset, field: str, batch_size: int, limit: int | 
     with torch.no_grad():
         for batch in dataset.batches("test", batch_size=batch_size):
             truth = batch[field].to(torch.float64)  # (B, nt, *space)
-            u = model(truth[:, 0])
+            u = model(truth[:, 0]).to(truth.device)
             errors.append(relative_l2(u, truth))
             if first is None:
                 first = (u.cpu().numpy(), truth.cpu().numpy())
@@ -327,10 +355,11 @@ def train(
 
     storage = storage or Storage.from_env()
     t_start = time.perf_counter()
+    device = training_device(spec)
     problem = open_problem(spec, storage)
     train_data = problem.dataset.arrays("train")[problem.field]  # (n, nt, *space)
     torch.manual_seed(spec.training.seed)
-    model = build_model(spec, problem)
+    model = build_model(spec, problem).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.training.lr)
 
     checkpoints = Checkpoints(storage, spec.name)
@@ -380,6 +409,7 @@ def train(
                 "model.kind": spec.model.kind,
                 "pde": problem.pde,
                 "experts": model.num_experts,
+                "device": str(device),
             }
         )
         if use_ray:
@@ -410,7 +440,8 @@ def train(
         from flows import plots
 
         run.log_figure(plots.prediction(first[0][0], first[1][0], problem), "prediction.png")
-        model_uri, registered = _log_model(run, model, problem, spec)
+        # logged from the CPU: a model saved with CUDA tensors needs a GPU to be unpickled
+        model_uri, registered = _log_model(run, model.cpu(), problem, spec)
     return TrainResult(
         run_id=run.run_id,
         steps=spec.training.steps,

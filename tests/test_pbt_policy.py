@@ -129,6 +129,9 @@ BASE = {
         ({"search_space": {}}, "search_space: Value error, empty"),
         ({"initial": [{"nope": 1}]}, "initial[0].nope: not in search_space"),
         ({"trainable": "pde"}, "train: required by the pde trainable"),
+        ({"trainable": "pde", "search_space": {"lr": {"prior": "uniform", "low": 0, "high": 1}},
+          "train": {"name": "t", "dataset": "d", "training": {"device": "cuda"}}},
+         "train.training.device: cuda is not supported"),
         ({"exploit": {"quantile": 0.7}}, "exploit.quantile"),
     ],
 )  # fmt: skip

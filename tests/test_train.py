@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.errors import UserError
 from flows.preprocess import PreprocessSpec, run_preprocess
+from flows.spec import digest_of
 from flows.storage import Storage
-from flows.train import TrainSpec, learning_rate, spec_changes, train
+from flows.train import TrainSpec, _resumable_digest, learning_rate, spec_changes, train
 
 runner = CliRunner()
 
@@ -64,6 +65,7 @@ def test_each_kind_trains_logs_and_registers(tiny, kind):
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.kind"] == kind
+    assert run.data.tags["device"] == "cpu"  # auto, on a machine without a GPU
     assert "test_rel_l2_mean" in run.data.metrics and "loss" in run.data.metrics
     history = mlflow.MlflowClient().get_metric_history(result.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
@@ -92,6 +94,9 @@ def test_resume_continues_from_the_checkpoint(tiny):
     assert rates == pytest.approx({s: 3e-3 * s / 100 for s in range(1, 10)})
     with pytest.raises(UserError, match=r"different spec \(training.lr: 0.003 -> 0.01\)"):
         train(spec(training__steps=12, training__lr=1e-2), tiny, resume=True)
+    # another device is not another spec: a run may continue on another machine
+    again = train(spec(training__steps=10, training__device="cpu"), tiny, resume=True)
+    assert again.resumed_from == 9
     with pytest.raises(UserError, match="has no checkpoint"):
         train(spec(name="never-ran"), tiny, resume=True)
 
@@ -104,6 +109,19 @@ def test_spec_changes_name_what_differs():
     )
     many = {"a": dict.fromkeys("pqrstu", 1)}
     assert spec_changes({}, many, limit=2).endswith("a.q: absent -> 1 and 4 more")
+
+
+def test_checkpoints_from_before_the_device_setting_stay_resumable():
+    # the digest a run checkpointed before `training.device` existed recorded: its spec
+    # without that key, steps set to 0
+    current = spec(training__device="cuda")
+    data = current.model_copy(
+        update={"training": current.training.model_copy(update={"steps": 0})}
+    ).resolved()
+    del data["training"]["device"]
+    assert _resumable_digest(current) == digest_of(data)
+    assert _resumable_digest(spec(training__device="cpu")) == _resumable_digest(current)
+    assert _resumable_digest(spec(training__lr=1e-2)) != _resumable_digest(current)
 
 
 def test_learning_rate_warms_up_then_halves():
@@ -157,6 +175,8 @@ def test_cli_train_evaluate_and_user_errors(tiny, tmp_path):
         (["train", str(path), "--set", "model.kind=big"], "model.kind: Input should be"),
         (["train", str(path), "--set", "dataset=missing"], "data set 'missing' not found"),
         (["train", str(path), "--set", "model.splits=[1, 2, 2]"], "model.splits [1, 2, 2]"),
+        (["train", str(path), "--set", "training.device=cuda"], "torch sees no GPU"),
+        (["train", str(path), "--set", "training.device=tpu"], "training.device: Input should"),
         (["evaluate", "nonsense", "--dataset", "ds-tiny"], "expected a run id"),
         (["evaluate", "0" * 32, "--dataset", "ds-tiny"], "cannot be loaded"),
     ]
