@@ -270,6 +270,11 @@ class Checkpoints:
         return name
 
 
+# What may change when a run is continued: its step budget, and the device (a run may
+# continue on another machine).
+RESUMABLE_CHANGES = ("training.steps", "training.device")
+
+
 def spec_changes(before: dict[str, Any], after: dict[str, Any], limit: int = 4) -> str:
     """What differs between two resolved specs, as `key: old -> new` (dotted keys; a key
     one of them lacks shows as `absent`), `RESUMABLE_CHANGES` aside, at most `limit` of
@@ -282,11 +287,6 @@ def spec_changes(before: dict[str, Any], after: dict[str, Any], limit: int = 4) 
     shown = [f"{k}: {old.get(k, 'absent')} -> {new.get(k, 'absent')}" for k in keys[:limit]]
     more = len(keys) - len(shown)
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
-
-
-# What may change when a run is continued: its step budget, and the device (a run may
-# continue on another machine).
-RESUMABLE_CHANGES = ("training.steps", "training.device")
 
 
 def _resumable_digest(spec: TrainSpec) -> str:
