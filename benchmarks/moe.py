@@ -8,8 +8,9 @@ In one run, with equal steps and seeds:
    actors on 2 workers: the median step of a short training run of each on a finer grid,
    after its first third (a network at initialisation needs 0-2 LM iterations per solve,
    a training one 5-20, so steps of an untrained model would time almost no solver);
-3. implicit (IFT) vs unrolled backward of the experts' solve: time, and peak memory
-   measured in a fresh process each;
+3. implicit (IFT) vs unrolled backward of the experts' solve: time (with the expert
+   actors' heap settings) and peak memory (with every large buffer mapped, so that the
+   resident peak is the live one), each in a fresh process;
 4. the experts' phase of the same MoE training steps with its four Ray actors on 2 cores
    and with every Ray process on 1 core (parallel efficiency: the same seed gives the
    same steps, compared step by step);
@@ -32,6 +33,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from actors.heap import HEAP_ENV
 
 # accuracy: every grid point is a collocation point (points >= grid size), so PI-HC and the
 # experts see the same rows; timing: the same total points, split four ways for the MoE.
@@ -280,14 +283,41 @@ def backward_comparison(root: str, size: dict) -> dict[str, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "problem.pt")
         torch.save({"params": tuple(p.detach() for p in params), "n": model.basis_size}, path)
-        context = multiprocessing.get_context("spawn")
         for kind in ("implicit", "unrolled"):
-            queue = context.Queue()
-            process = context.Process(target=_backward_probe, args=(kind, path, queue))
-            process.start()
-            out[kind] = queue.get(timeout=600)
-            process.join(60)
+            timed = _probe(kind, path, HEAP_ENV, repeats=3)
+            measured = _probe(kind, path, EXACT_RSS_ENV, repeats=1)
+            out[kind] = {**timed, "peak_mb": measured["peak_mb"]}
     return out
+
+
+# The two heaps of the probes. Time: the expert actors' own settings. Memory: every buffer
+# above 128 KiB mapped and unmapped, so that the peak RSS is the peak of the live buffers.
+# (glibc's default raises its mmap threshold after large frees, and the heap then keeps
+# freed buffers: the peaks moved by a quarter between identical runs, 2.8-3.9x as a ratio.)
+EXACT_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def _probe(kind: str, path: str, env: dict[str, str], repeats: int) -> dict[str, float]:
+    """`_backward_probe` in a fresh process started with `env` (glibc reads it once)."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    saved = {k: os.environ.get(k) for k in (*HEAP_ENV, *EXACT_RSS_ENV)}
+    try:
+        for k in saved:
+            os.environ.pop(k, None)
+        os.environ.update(env)
+        process = context.Process(target=_backward_probe, args=(kind, path, queue, repeats))
+        process.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        return queue.get(timeout=600)
+    finally:
+        process.join(60)
 
 
 def main() -> None:
