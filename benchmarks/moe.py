@@ -31,6 +31,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -301,19 +302,12 @@ def _probe(kind: str, path: str, env: dict[str, str], repeats: int) -> dict[str,
     """`_backward_probe` in a fresh process started with `env` (glibc reads it once)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    saved = {k: os.environ.get(k) for k in (*HEAP_ENV, *EXACT_RSS_ENV)}
-    try:
-        for k in saved:
+    with mock.patch.dict(os.environ):  # restored once the process has started
+        for k in (*HEAP_ENV, *EXACT_RSS_ENV):
             os.environ.pop(k, None)
         os.environ.update(env)
         process = context.Process(target=_backward_probe, args=(kind, path, queue, repeats))
         process.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     try:
         return queue.get(timeout=600)
     finally:

@@ -23,6 +23,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from unittest import mock
 
 SPEC = """
 name: {name}
@@ -48,9 +49,7 @@ def submitted(spec: Path, env: dict[str, str]) -> tuple[float, float]:
     """(submit-to-running, submit-to-succeeded) seconds."""
     from flows.submit import RayJobs, outcome, prepare
 
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with mock.patch.dict(os.environ, env):
         jobs = RayJobs()
         sub = prepare(spec, args=["--workers", "1"], submission_id=f"bench-{uuid.uuid4().hex}")
         start = time.perf_counter()
@@ -64,12 +63,6 @@ def submitted(spec: Path, env: dict[str, str]) -> tuple[float, float]:
         total = time.perf_counter() - start
         outcome(state)
         return running, total
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def manifest_figures() -> dict:
