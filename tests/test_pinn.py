@@ -28,6 +28,7 @@ from actors.pinn import (
     DiffusionSorptionConstraint,
     NavierStokesConstraint,
     Partition,
+    Pointwise,
     SoftConstrained,
     SpectralConv,
     assemble,
@@ -174,6 +175,30 @@ def test_fno_gradients_reach_every_parameter():
     net(torch.randn(2, 3, 10, 12, dtype=F64)).square().sum().backward()
     for name, param in net.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_pointwise_layer_is_a_1x1_convolution(dims):
+    """Values and gradients equal those of torch's convolution with the same parameters,
+    which keep nn.ConvNd's names and shapes (checkpoints of either load into the other)."""
+    torch.manual_seed(0)
+    layer = Pointwise(dims, 3, 5).double()
+    conv = getattr(torch.nn, f"Conv{dims}d")(3, 5, 1).double()
+    assert {k: v.shape for k, v in layer.state_dict().items()} == {
+        k: v.shape for k, v in conv.state_dict().items()
+    }
+    conv.load_state_dict(layer.state_dict())
+    grid = (7, 6, 5)[:dims]
+    x = torch.randn(2, 3, 10, *grid[1:], dtype=F64)[..., : grid[0]]  # strided, as after a crop
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = layer(x1), conv(x2)
+    assert torch.allclose(y1, y2, atol=1e-13)
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-13)
+    for name in ("weight", "bias"):
+        assert torch.allclose(getattr(layer, name).grad, getattr(conv, name).grad, atol=1e-12)
 
 
 def plane_wave(grid: tuple[int, ...], k: tuple[int, ...], phase: float = 0.0) -> torch.Tensor:

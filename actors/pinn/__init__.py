@@ -12,7 +12,7 @@
 """
 
 from actors.pinn.diffusion_sorption import DiffusionSorptionConstraint, diffusion_sorption_residual
-from actors.pinn.fno import FNO, SpectralConv
+from actors.pinn.fno import FNO, Pointwise, SpectralConv
 from actors.pinn.in_process import expert_problems, solve_in_process
 from actors.pinn.model import BasisNetwork, SoftConstrained, assemble
 from actors.pinn.navier_stokes import NavierStokesConstraint, navier_stokes_residual
@@ -26,6 +26,7 @@ __all__ = [
     "NavierStokesConstraint",
     "PDEConstraint",
     "Partition",
+    "Pointwise",
     "ResidualFn",
     "SoftConstrained",
     "SpectralConv",

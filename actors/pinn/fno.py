@@ -156,6 +156,24 @@ def _inverse_full(n: int, q: int, dtype: torch.dtype, device: torch.device) -> T
     return torch.polar(torch.full_like(angle, 1.0 / n), angle / n).to(device, dtype)
 
 
+class Pointwise(nn.Module):
+    """Pointwise linear map C_in -> C_out at every grid point: a 1x1 convolution with
+    nn.ConvNd's parameters (names, shapes, initialisation), computed as one batched matrix
+    product, which on CPU is 3-4x faster than the convolution kernels forward and backward."""
+
+    def __init__(self, dims: int, in_channels: int, out_channels: int):
+        super().__init__()
+        conv = _CONVS[dims](in_channels, out_channels, 1)
+        self.weight, self.bias = conv.weight, conv.bias
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, *grid) -> (B, C_out, *grid)
+        b, c = x.shape[:2]
+        flat = x.reshape(b, c, -1)
+        weight = self.weight.reshape(-1, c).expand(b, -1, -1)
+        bias = self.bias.reshape(1, -1, 1).expand(b, -1, flat.shape[2])
+        return torch.baddbmm(bias, weight, flat).reshape(b, -1, *x.shape[2:])
+
+
 class FNO(nn.Module):
     """(B, in_channels, *grid) -> (B, out_channels, *grid) on a `dims`-D grid."""
 
@@ -191,14 +209,13 @@ class FNO(nn.Module):
         ):
             raise ValueError(f"padding must be an int >= 0 or {dims} such ints, got {padding!r}")
         self.padding = pads
-        conv = _CONVS[dims]
-        self.lift = conv(in_channels, width, 1)
+        self.lift = Pointwise(dims, in_channels, width)
         self.spectral = nn.ModuleList(
             SpectralConv(dims, width, width, modes) for _ in range(layers)
         )
-        self.pointwise = nn.ModuleList(conv(width, width, 1) for _ in range(layers))
+        self.pointwise = nn.ModuleList(Pointwise(dims, width, width) for _ in range(layers))
         self.project = nn.Sequential(
-            conv(width, 2 * width, 1), nn.GELU(), conv(2 * width, out_channels, 1)
+            Pointwise(dims, width, 2 * width), nn.GELU(), Pointwise(dims, 2 * width, out_channels)
         )
 
     def forward(self, x: Tensor) -> Tensor:
