@@ -120,6 +120,17 @@ def test_partition_sample_stays_inside_its_subdomain(shape, splits):
     assert len(draws) > 1 or p.size(0) <= 2  # redrawn each call
 
 
+def test_partition_sample_leaves_out_the_first_time_levels():
+    p = Partition((6, 8), (2, 2))  # blocks of 3 time levels x 4 cells
+    gen = torch.Generator().manual_seed(0)
+    first = p.sample(0, 100, gen, first_level=2)  # block 0: levels 0-2, only level 2 left
+    assert torch.equal(first, p.index(0)[p.index(0) >= 16])
+    assert bool((p.sample(0, 3, gen, first_level=2) >= 16).all())
+    assert torch.equal(p.sample(2, 100, gen, first_level=2), p.index(2))  # levels 3-5: all
+    # a block entirely inside the left-out levels keeps its points (no empty problem)
+    assert torch.equal(p.sample(1, 100, gen, first_level=3), p.index(1))
+
+
 def test_partition_single_expert_holds_all_points():
     p = Partition((5, 7), (1, 1))
     assert p.num_experts == 1
@@ -748,7 +759,9 @@ def test_expert_problems_gather_together_what_each_expert_would_gather_alone(pde
     )
     derivs = c.derivatives(basis, grids)
     gen = torch.Generator().manual_seed(1)
-    points = [partition.sample(k, 7, gen) for k in range(partition.num_experts)]
+    first = getattr(c, "settling_levels", 0)
+    points = [partition.sample(k, 7, gen, first) for k in range(partition.num_experts)]
+    assert all(bool((p >= first * grid[-1]).all()) for p in points) or pde == "ns"
     alone = [c.expert_params(derivs, initial, partition, k, p, grids) for k, p in enumerate(points)]
     for together, single in zip(problems, alone, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(together, single, strict=True))

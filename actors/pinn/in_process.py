@@ -44,7 +44,9 @@ def expert_problems(
     copy of the whole grid that autograd then sums."""
     if derivs is None:
         derivs = constraint.derivatives(basis, grids)
-    points = [partition.sample(k, m, generator) for k in range(partition.num_experts)]
+    # no point where the PDE is not imposed (its rows would be zeros: no say in the solve)
+    first = getattr(constraint, "settling_levels", 0)
+    points = [partition.sample(k, m, generator, first) for k in range(partition.num_experts)]
     sizes = [p.shape[-1] for p in points]
     together = torch.cat(points, dim=-1)
     split = {

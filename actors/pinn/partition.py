@@ -20,6 +20,7 @@ Points are addressed by their flat C-order index into the grid, the same index a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -177,12 +178,19 @@ class Partition:
         flat = torch.cat(list(parts), dim=-1)  # (..., P) in expert order
         return flat[..., self._inverse.to(flat.device)].reshape(*lead, *self.grid_shape)
 
-    def sample(self, k: int, m: int, generator: torch.Generator | None = None) -> Tensor:
+    def sample(
+        self, k: int, m: int, generator: torch.Generator | None = None, first_level: int = 0
+    ) -> Tensor:
         """Flat indices of m random collocation points of sub-domain k, drawn without
-        replacement, sorted -> (m,) int64; all n_k points (m' = n_k) when m >= n_k."""
+        replacement, sorted -> (m,) int64; all n_k points (m' = n_k) when m >= n_k.
+        Points on the first `first_level` levels of the grid's first axis (time) are left
+        out, unless that leaves none."""
         if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
             raise ValueError(f"m must be a positive integer, got {m!r}")
         index = self.index(k)
+        if first_level:
+            later = index[index >= first_level * math.prod(self.grid_shape[1:])]
+            index = later if later.numel() else index
         if m >= index.numel():
             return index
         pick = torch.randperm(index.numel(), generator=generator)[:m]
