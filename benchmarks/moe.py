@@ -5,15 +5,16 @@
 In one run, with equal steps and seeds:
 1. accuracy — test relative L2 of PI-SC, PI-HC and PI-HC-MoE (K = 4) after training;
 2. step time of PI-HC vs PI-HC-MoE at the same total collocation points, experts as Ray
-   actors on 2 workers: the median step of a short training run of each on a finer grid,
-   after its first third (a network at initialisation needs 0-2 LM iterations per solve,
-   a training one 5-20, so steps of an untrained model would time almost no solver);
+   actors on 2 workers: both trained side by side on a finer grid, step for step on one
+   Ray, and the median step after the first third (a network at initialisation needs 0-2
+   LM iterations per solve, a training one 5-20, so steps of an untrained model would
+   time almost no solver);
 3. implicit (IFT) vs unrolled backward of the experts' solve: time (with the expert
    actors' heap settings) and peak memory (with every large buffer mapped, so that the
    resident peak is the live one), each in a fresh process;
-4. the experts' phase of the same MoE training steps with its four Ray actors on 2 cores
-   and with every Ray process on 1 core (parallel efficiency: the same seed gives the
-   same steps, compared step by step);
+4. the experts' phase of each of those MoE steps run twice on the same inputs, on four
+   actors free on the 2 cores and on four pinned to 1 core (parallel efficiency: the
+   same problems, the same LM iterations, compared step by step);
 5. the share of the MoE step spent outside the experts' solves.
 
 Prints a table, then one JSON line: rel_l2_sc, rel_l2_hc, rel_l2_moe,
@@ -138,70 +139,111 @@ def model_and_batch(root: str, size: dict, kind: str, points: int, batch: int = 
     return model, u[:, 0].float()
 
 
-# (run, model kind, experts, CPUs per expert, Ray's processes all on one core)
-TIMING_RUNS = (
-    ("hc", "hc", 1, 1.0, False),
-    ("moe", "moe", 4, 0.5, False),
-    ("moe_1core", "moe", 4, 0.5, True),
-)
+def _pin(pid: int, cores: set[int]) -> None:
+    """Every thread of process `pid` onto `cores` (Linux affinity is per thread; threads
+    started later inherit their creator's)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except ProcessLookupError:  # a thread that has ended since
+            pass
 
 
-def training_steps(root: str, size: dict, name: str, kind: str, experts: int, cpus: float):
-    """Train `kind` on the timing data set with its experts as Ray actors (on the Ray this
-    process has started) -> per step: wall time, experts' phase, mean LM iterations."""
-    import mlflow
-
-    from flows.storage import Storage
-    from flows.train import train
-
-    spec = train_spec(
-        kind, size, "bench-timing", name=f"bench-timing-{name}",
-        points=size["timing_points"] // experts, steps=size["timing_steps"],
-        warmup_steps=max(size["timing_steps"] // 4, 1), log_every=1,
-        executor="ray", cpus_per_expert=cpus,
-    )  # fmt: skip
-    result = train(spec, Storage.at(root))
-    client = mlflow.MlflowClient()
-    out = {}
-    for key in ("step_seconds", "expert_seconds", "lm_iterations"):
-        history = sorted(client.get_metric_history(result.run_id, key), key=lambda m: m.step)
-        out[key] = [m.value for m in history]
-    return out
+def _forward_backward(model, initial, generator) -> dict[str, float]:
+    """One step's loss and backward (no update) -> wall time, the experts' phase (solve +
+    implicit backward, as the experts' executor timed it) and mean LM iterations."""
+    t0 = time.perf_counter()
+    loss, _, solved = model.loss(initial, generator)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    d = solved.diagnostics
+    solves = [x["cpu_seconds"] for x in d]  # each expert's solve: CPU time in its actor
+    return {
+        "seconds": time.perf_counter() - t0,
+        "experts": solved.seconds + model.executor.last_vjp_seconds,
+        "iterations": sum(x["iterations_mean"] for x in d) / len(d),
+        "slowest_solve": max(solves),
+        "all_solves": sum(solves),
+    }
 
 
 def step_timing(root: str, size: dict) -> dict[str, float]:
-    """Medians over the training steps after the first third (the warm-up and the network's
-    first moves, when the solves need few iterations)."""
+    """PI-HC and PI-HC-MoE trained side by side on one Ray, step for step (each one's
+    actors idle while the other trains), so that both see the same machine. Each MoE step
+    is run twice before its update, once on its four actors free on both cores and once,
+    with the same inputs (the same problems, the same LM iterations), on a second set of
+    four pinned to one core: the parallel efficiency compares the same work. (Pinning this
+    process as well, for its puts and gets, gave the same ratio, and made its own forward
+    and backward 5x slower.) Medians over
+    the steps after the first third (the warm-up and the network's first moves, when the
+    solves need few iterations)."""
     import ray
 
+    from actors.experts import RayExperts
     from flows.runtime import start_local_ray
+    from flows.storage import Storage
+    from flows.train import build_model, learning_rate, open_problem, step_batch
 
-    runs = {}
-    skip = size["timing_steps"] // 3
-    cores = os.sched_getaffinity(0)
-    for name, kind, experts, cpus, one_core in TIMING_RUNS:
-        if one_core:  # Ray's processes inherit this process's affinity when they start
-            os.sched_setaffinity(0, {min(cores)})
-        try:
-            start_local_ray(2)
-        finally:
-            os.sched_setaffinity(0, cores)
-        try:
-            runs[name] = training_steps(root, size, name, kind, experts, cpus)
-        finally:
-            ray.shutdown()
-        seconds = statistics.median(runs[name]["step_seconds"][skip:])
-        print(f"  {name}: {seconds:.3f} s/step", flush=True)
-    out = {}
-    for name, run in runs.items():
-        for key, values in run.items():
-            out[f"{name}_{key}"] = statistics.median(values[skip:])
-    # the same steps (same seed) on one core and on two: compared step by step
-    one, two = runs["moe_1core"]["expert_seconds"], runs["moe"]["expert_seconds"]
-    pairs = zip(one[skip:], two[skip:], strict=True)
+    steps = size["timing_steps"]
+    specs = {
+        kind: train_spec(
+            kind, size, "bench-timing", points=size["timing_points"] // experts, steps=steps,
+            warmup_steps=max(steps // 4, 1),
+        )
+        for kind, experts in (("hc", 1), ("moe", 4))
+    }  # fmt: skip
+    problem = open_problem(specs["hc"], Storage.at(root))
+    data = problem.dataset.arrays("train")[problem.field]
+    models, optimizers = {}, {}
+    for kind, spec in specs.items():
+        torch.manual_seed(spec.training.seed)
+        models[kind] = build_model(spec, problem)
+        optimizers[kind] = torch.optim.Adam(models[kind].parameters(), lr=spec.training.lr)
+    # logical CPUs for 1 + 4 x 0.5 + 4 x 0.5 actors: the two cores are what they share
+    start_local_ray(5)
+    record: dict[str, list[float]] = {}
+    try:
+        hc_config, moe_config = models["hc"].expert_config(), models["moe"].expert_config()
+        one_core = RayExperts(moe_config, 4, cpus_per_expert=0.5)
+        core = {min(os.sched_getaffinity(0))}
+        for where in one_core.placement():
+            _pin(where["pid"], core)
+        executors = {
+            "hc": [("", RayExperts(hc_config, 1, cpus_per_expert=1.0))],
+            "moe": [("", RayExperts(moe_config, 4, cpus_per_expert=0.5)), ("_1core", one_core)],
+        }
+        t = specs["hc"].training  # batch, seed, clipping: the same for both
+        for step in range(steps):
+            if step % 20 == 0:
+                print(f"  step {step} of {steps}", flush=True)
+            for kind in ("hc", "moe") if step % 2 else ("moe", "hc"):  # alternated
+                initial, generator = step_batch(data, t.batch_size, t.seed, step)  # as train's
+                model, optimizer = models[kind], optimizers[kind]
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(specs[kind].training, step)
+                runs = executors[kind] if step % 2 else executors[kind][::-1]
+                for suffix, executor in runs:
+                    model.executor = executor
+                    state = generator.get_state()
+                    out = _forward_backward(model, initial, generator)
+                    generator.set_state(state)  # the same points for the other run
+                    for key, value in out.items():
+                        record.setdefault(f"{kind}{suffix}_{key}", []).append(value)
+                t0 = time.perf_counter()  # the update: part of the step, not of a run
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                optimizer.step()
+                update = time.perf_counter() - t0
+                record[f"{kind}_seconds"][-1] += update
+    finally:
+        ray.shutdown()
+    skip = steps // 3
+    out = {key: statistics.median(values[skip:]) for key, values in record.items()}
+    pairs = zip(record["moe_1core_experts"][skip:], record["moe_experts"][skip:], strict=True)
     out["efficiency"] = statistics.median(a / (2 * b) for a, b in pairs)
-    its_one, its_two = runs["moe_1core"]["lm_iterations"], runs["moe"]["lm_iterations"]
-    out["iterations_differ"] = max(abs(a - b) for a, b in zip(its_one, its_two, strict=True))
+    iterations = zip(record["moe_1core_iterations"], record["moe_iterations"], strict=True)
+    out["iterations_differ"] = max(abs(a - b) for a, b in iterations)
+    for kind in ("hc", "moe"):
+        print(f"  {kind}: {out[f'{kind}_seconds']:.3f} s/step", flush=True)
     return out
 
 
@@ -276,7 +318,7 @@ def backward_comparison(root: str, size: dict) -> dict[str, dict]:
     with torch.no_grad():
         basis = unit_rms(model.network(initial, model.grids).double())
     derivs = model.constraint.derivatives(basis, model.grids)
-    where = model.partition.sample(0, points, torch.Generator())
+    where = model.partition.sample(0, points, torch.Generator(), model.constraint.settling_levels)
     params = model.constraint.expert_params(
         derivs, initial.double(), model.partition, 0, where, model.grids
     )
@@ -333,14 +375,16 @@ def main() -> None:
 
     print(f"\n{'figure':<44} {'value':>12}")
     rows = [
-        ("PI-HC step, 1 expert, M points (s)", timing["hc_step_seconds"]),
-        ("PI-HC expert's phase (s)", timing["hc_expert_seconds"]),
-        ("PI-HC LM iterations per solve", timing["hc_lm_iterations"]),
-        ("PI-HC-MoE step, 4 experts on 2 workers (s)", timing["moe_step_seconds"]),
-        ("MoE experts' phase, Ray on 2 cores (s)", timing["moe_expert_seconds"]),
-        ("MoE experts' phase, Ray on 1 core (s)", timing["moe_1core_expert_seconds"]),
-        ("MoE LM iterations per solve", timing["moe_lm_iterations"]),
+        ("PI-HC step, 1 expert, M points (s)", timing["hc_seconds"]),
+        ("PI-HC expert's phase (s)", timing["hc_experts"]),
+        ("PI-HC LM iterations per solve", timing["hc_iterations"]),
+        ("PI-HC-MoE step, 4 experts on 2 workers (s)", timing["moe_seconds"]),
+        ("MoE experts' phase, 4 actors on 2 cores (s)", timing["moe_experts"]),
+        ("MoE experts' phase, 4 actors on 1 core (s)", timing["moe_1core_experts"]),
+        ("MoE LM iterations per solve", timing["moe_iterations"]),
         ("MoE iterations, 1 vs 2 cores: largest gap", timing["iterations_differ"]),
+        ("MoE solves' CPU time in the actors: all four (s)", timing["moe_all_solves"]),
+        ("MoE solves' CPU time in the actors: slowest (s)", timing["moe_slowest_solve"]),
         (
             "implicit: solve + backward (s)",
             backward["implicit"]["forward_s"] + backward["implicit"]["backward_s"],
@@ -362,15 +406,13 @@ def main() -> None:
         "rel_l2_sc": round(rel["sc"], 4),
         "rel_l2_hc": round(rel["hc"], 4),
         "rel_l2_moe": round(rel["moe"], 4),
-        "step_speedup_moe_vs_hc": round(timing["hc_step_seconds"] / timing["moe_step_seconds"], 3),
+        "step_speedup_moe_vs_hc": round(timing["hc_seconds"] / timing["moe_seconds"], 3),
         "ift_speedup_vs_unrolled": round(unrolled / implicit, 3),
         "ift_memory_ratio": round(
             backward["unrolled"]["peak_mb"] / max(backward["implicit"]["peak_mb"], 1e-3), 3
         ),
         "parallel_efficiency_2": round(timing["efficiency"], 3),
-        "overhead_fraction": round(
-            1 - timing["moe_expert_seconds"] / timing["moe_step_seconds"], 3
-        ),
+        "overhead_fraction": round(1 - timing["moe_experts"] / timing["moe_seconds"], 3),
     }
     print(json.dumps(figures))
 

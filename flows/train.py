@@ -510,17 +510,25 @@ def _train_step(model, optimizer, train_data, t: TrainingSpec, seed: int, step: 
     gradient norm, the experts' record)."""
     import torch
 
-    n = len(train_data)
-    rng = np.random.default_rng([seed, step])
-    index = rng.choice(n, size=min(t.batch_size, n), replace=False)
-    truth = torch.from_numpy(np.ascontiguousarray(train_data[index])).to(torch.float64)
-    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    loss, _, solved = model.loss(truth[:, 0].float(), generator)
+    initial, generator = step_batch(train_data, t.batch_size, seed, step)
+    loss, _, solved = model.loss(initial, generator)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or t.grad_clip)
     optimizer.step()
     return loss, norm, solved
+
+
+def step_batch(train_data, batch_size: int, seed: int, step: int):
+    """The initial conditions (B, *space) float32 and the collocation points' generator of
+    step `step`: a function of (seed, step) only."""
+    import torch
+
+    n = len(train_data)
+    rng = np.random.default_rng([seed, step])
+    index = rng.choice(n, size=min(batch_size, n), replace=False)
+    initial = torch.from_numpy(np.ascontiguousarray(train_data[index][:, 0])).float()
+    return initial, torch.Generator().manual_seed(int(rng.integers(2**62)))
 
 
 def _expert_metrics(solved, step_seconds: float, executor) -> dict[str, float]:

@@ -68,6 +68,10 @@ def test_ray_experts_match_in_process_and_survive_a_kill(local_ray):
         torch.testing.assert_close(g_l, g_r)
         assert g_r.abs().sum() > 0
         assert remote.solve_seconds == [d["seconds"] for d in solved.diagnostics]
+        # the work as CPU time in the actor: positive, and never more than the wall time of
+        # the solve on its one torch thread (plus Ray's own threads' bit)
+        for d in solved.diagnostics:
+            assert 0 < d["cpu_seconds"] <= 1.5 * d["seconds"] + 0.05
 
         # The next solve puts the slowest expert's rows first; each expert still gets its own.
         remote.solve_seconds = [0.1, 0.4, 0.2, 0.3]
