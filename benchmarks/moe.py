@@ -69,8 +69,7 @@ def publish(root: str, size: dict, name: str, nx: int, nt: int, samples: int) ->
 
 
 def train_spec(kind: str, size: dict, dataset: str, **extra):
-    """The benchmark's run of `kind`; `extra` may set points, steps, executor,
-    cpus_per_expert, warmup_steps, log_every and name."""
+    """The benchmark's run of `kind`; `extra` may set points, steps and warmup_steps."""
     from flows.train import TrainSpec
 
     steps = extra.get("steps", size["steps"])
@@ -80,14 +79,14 @@ def train_spec(kind: str, size: dict, dataset: str, **extra):
         "lr": 3e-3,
         "lr_halve_every": max(steps // 3, 1),
         "checkpoint_every": 10**6,
-        "log_every": extra.get("log_every", 10),
+        "log_every": 10,
         "seed": 0,
     }
     if "warmup_steps" in extra:
         training["warmup_steps"] = extra["warmup_steps"]
     return TrainSpec.model_validate(
         {
-            "name": extra.get("name", f"bench-{kind}"),
+            "name": f"bench-{kind}",
             "dataset": dataset,
             "model": {
                 "kind": kind,
@@ -102,10 +101,7 @@ def train_spec(kind: str, size: dict, dataset: str, **extra):
                 "collocation_points": extra.get("points", size["points"]),
             },
             "training": training,
-            "experts": {
-                "executor": extra.get("executor", "local"),
-                "cpus_per_expert": extra.get("cpus_per_expert"),
-            },
+            "experts": {"executor": "local"},  # in this process: tiny problems
         }
     )
 
@@ -174,9 +170,8 @@ def step_timing(root: str, size: dict) -> dict[str, float]:
     with the same inputs (the same problems, the same LM iterations), on a second set of
     four pinned to one core: the parallel efficiency compares the same work. (Pinning this
     process as well, for its puts and gets, gave the same ratio, and made its own forward
-    and backward 5x slower.) Medians over
-    the steps after the first third (the warm-up and the network's first moves, when the
-    solves need few iterations)."""
+    and backward 5x slower.) Medians over the steps after the first third (the warm-up and
+    the network's first moves, when the solves need few iterations)."""
     import ray
 
     from actors.experts import RayExperts
