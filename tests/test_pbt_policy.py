@@ -94,6 +94,34 @@ def test_schedule_follows_exploits_back_to_the_root():
     assert again.winner() == {"member": 1, "score": 1.0, "step": 12}
 
 
+def test_schedule_takes_the_donor_segments_it_had_when_copied():
+    """Asynchronous PBT: member 0 copies member 1 at its step 12; member 1 then copies
+    member 2, which lags at step 8, and trains 8-12 again. Member 0's weights carry member
+    1's first three segments, not the later 8-12 (by step alone the two are the same)."""
+    lineage = Lineage("q", "max")
+    m0, m1, m2 = (MemberRecord(k, seed=10 + k) for k in range(3))
+    m1.segments = [
+        Segment(0, 4, {"h": 1}, 0.1),
+        Segment(4, 8, {"h": 1}, 0.2, {"kind": "continue"}),
+        Segment(8, 12, {"h": 1}, 0.3, {"kind": "continue"}),
+        Segment(8, 12, {"h": 5}, 0.4, {"kind": "exploit", "donor": 2, "donor_segments": 2}),
+    ]
+    m2.segments = [Segment(0, 4, {"h": 2}, 0.1), Segment(4, 8, {"h": 2}, 0.2)]
+    m0.segments = [
+        Segment(0, 12, {"h": 0}, 0.0),
+        Segment(12, 16, {"h": 3}, 0.5, {"kind": "exploit", "donor": 1, "donor_segments": 3}),
+    ]
+    lineage.members = [m0, m1, m2]
+    seed, segments = Lineage.from_json(lineage.to_json()).schedule(0)
+    assert seed == 11
+    assert [(s.start, s.end, s.hparams["h"]) for s in segments] == [
+        (0, 4, 1), (4, 8, 1), (8, 12, 1), (12, 16, 3)
+    ]  # fmt: skip
+    # and member 1's own weights: member 2's two segments, then its copy's
+    seed, segments = lineage.schedule(1)
+    assert seed == 12 and [s.hparams["h"] for s in segments] == [2, 2, 5]
+
+
 def test_a_checkpoint_is_kept_while_a_member_can_still_load_it():
     ledger = CheckpointLedger()
     ledger.set_latest(0, "a4")

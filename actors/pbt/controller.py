@@ -427,6 +427,13 @@ class Population:
             "reason": d.reason,
         }
 
+    def _exploit_origin(self, donor: int, ops: dict[str, str]) -> dict[str, Any]:
+        """The origin of the segment a member trains after copying `donor`: with the
+        donor's segment count, which says exactly whose steps the weights carry even after
+        the donor has itself copied a member behind it (asynchronous PBT)."""
+        count = len(self.lineage.members[donor].segments)
+        return {"kind": "exploit", "donor": donor, "donor_segments": count, "ops": ops}
+
     def _decide_sync(self, members: list[int], step: int) -> None:
         """At a common ready step: exploit (copy in memory), then explore."""
         import ray
@@ -440,7 +447,7 @@ class Population:
             new, ops = self._explore(before[d.donor])
             record = self._exploit_record(d, step, step, new, ops)
             self.hparams[d.member] = new
-            self.origin[d.member] = {"kind": "exploit", "donor": d.donor, "ops": ops}
+            self.origin[d.member] = self._exploit_origin(d.donor, ops)
             self.ledger.set_latest(d.member, latest[d.donor])
             loads[d.member] = (self.actors[d.member].load.remote(states[d.donor]), d.donor)
             self.lineage.exploits.append(record)
@@ -491,7 +498,7 @@ class Population:
                     new, ops = self._explore(self.hparams[d.donor])
                     record = self._exploit_record(d, report["step"], donor.step, new, ops)
                     self.hparams[m] = new
-                    self.origin[m] = {"kind": "exploit", "donor": d.donor, "ops": ops}
+                    self.origin[m] = self._exploit_origin(d.donor, ops)
                     self.ledger.set_latest(m, load_from)
                     self.lineage.exploits.append(record)
                     self.listener.on_exploit(record)

@@ -5,9 +5,10 @@ copied whom. It is written as JSON next to the search and is enough to replay th
 
 A segment is a run of steps with constant hyperparameters, ending at a ready point. Its
 origin is "init" (the member's own start), "exploit" (weights and hyperparameters copied
-from `donor` at the donor's step `start`, then explored) or "explore" (the member's own
-weights, new hyperparameters). Following origins backwards from a member gives the full
-schedule of the weights it ends with (`schedule`), which `replay` trains again.
+from `donor` at the donor's step `start`, then explored; `donor_segments`: how many
+segments the donor had then) or "explore" (the member's own weights, new
+hyperparameters). Following origins backwards from a member gives the full schedule of
+the weights it ends with (`schedule`), which `replay` trains again.
 """
 
 from __future__ import annotations
@@ -97,10 +98,9 @@ class Lineage:
         """(seed of the root ancestor, the segments that produced `member`'s final weights),
         oldest first."""
         out: list[Segment] = []
-        m, until = member, self.members[member].step
+        m, segments = member, self.members[member].segments
         while True:
             record = self.members[m]
-            segments = [s for s in record.segments if s.end <= until]
             chain = []
             for s in reversed(segments):
                 chain.append(s)
@@ -110,7 +110,13 @@ class Lineage:
             first = chain[-1] if chain else None
             if first is None or first.origin.get("kind") != "exploit":
                 return record.seed, out
-            m, until = int(first.origin["donor"]), first.start
+            m = int(first.origin["donor"])
+            donor = self.members[m].segments
+            if "donor_segments" in first.origin:
+                segments = donor[: int(first.origin["donor_segments"])]
+            else:  # lineages written before the count was recorded: by step, which is
+                # ambiguous once the donor has itself gone back to a lagging member's step
+                segments = [s for s in donor if s.end <= first.start]
 
 
 def draw(lineage: Lineage, title: str = ""):
