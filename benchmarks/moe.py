@@ -147,7 +147,8 @@ def _pin(pid: int, cores: set[int]) -> None:
 
 def _forward_backward(model, initial, generator) -> dict[str, float]:
     """One step's loss and backward (no update) -> wall time, the experts' phase (solve +
-    implicit backward, as the experts' executor timed it) and mean LM iterations."""
+    implicit backward, as the experts' executor timed it), mean LM iterations, and the
+    solves' CPU time in the actors (the slowest, all)."""
     t0 = time.perf_counter()
     loss, _, solved = model.loss(initial, generator)
     model.zero_grad(set_to_none=True)

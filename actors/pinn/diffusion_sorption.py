@@ -488,8 +488,9 @@ class DiffusionSorptionConstraint:
             rows = {key: gather_rows(derivs[key], points) for key in self.row_keys}
         rows = [rows[key] for key in self.row_keys]
         pde_rows = basis.new_full((batch,), float(points.shape[-1]))
-        settling = points // nx < self.settling_levels  # (B?, m); `expert_problems` has none
-        if self.settling_levels and bool(settling.any()):
+        # points in the settling levels (`expert_problems` draws none): zero rows
+        settling = points // nx < self.settling_levels if self.settling_levels else None
+        if settling is not None and bool(settling.any()):
             settled = (~settling).to(dtype)[..., None]  # (B?, m, 1)
             rows = [r * settled for r in rows]  # zero rows: no say in the solve
             pde_rows = settled.sum((-2, -1)).to(basis.device).expand(batch)
