@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from actors.constraint import LMOptions
+from actors.constraint.residual import RowOuter
 from actors.expert import ExpertConfig
-from actors.experts import InProcessExperts, RayExperts, solve_experts
+from actors.experts import InProcessExperts, RayExperts, from_wire, solve_experts, to_wire
 from actors.pinn import Partition, constraint_for
 from flows.runtime import start_local_ray
 
@@ -87,6 +88,49 @@ def test_ray_experts_match_in_process_and_survive_a_kill(local_ray):
             torch.testing.assert_close(a, b)
     finally:
         remote.close()
+
+
+def test_wire_format_round_trips_and_sends_no_tensor():
+    """What experts send and receive: every tensor, however nested, travels as a NumPy
+    array (Ray's raw buffers), and comes back equal, with its dtype, in memory of its own."""
+    import numpy as np
+
+    value = {
+        "omega": torch.randn(2, 3, dtype=torch.float64),
+        "grads": (
+            RowOuter(torch.randn(2, 5, 2, dtype=torch.float64), torch.randn(2, 2, 3)),
+            torch.randn(4, 3).T,  # not contiguous
+        ),
+        "converged": torch.tensor([True, False]),
+        "diagnostics": {"iterations": [torch.tensor(3), 4.5], "name": "x"},
+    }
+    wire = to_wire(value)
+
+    def leaves(x):
+        if isinstance(x, RowOuter):
+            return [x.coefficients, x.vectors]
+        if isinstance(x, dict):
+            return [y for v in x.values() for y in leaves(v)]
+        if isinstance(x, (tuple, list)):
+            return [y for v in x for y in leaves(v)]
+        return [x]
+
+    assert not any(isinstance(x, torch.Tensor) for x in leaves(wire))
+    assert sum(isinstance(x, np.ndarray) for x in leaves(wire)) == 6
+    for a in leaves(wire):  # as the object store hands them out: read-only
+        if isinstance(a, np.ndarray):
+            a.flags.writeable = False
+    back = from_wire(wire)
+    for a, b in zip(leaves(value), leaves(back), strict=True):
+        if isinstance(a, torch.Tensor):
+            assert b.dtype == a.dtype
+            torch.testing.assert_close(b, a)
+            b.add_(1) if b.dtype != torch.bool else b.logical_not_()  # writable, its own
+        else:
+            assert b == a
+    assert isinstance(back["grads"], tuple) and isinstance(back["grads"][0], RowOuter)
+    assert isinstance(back["diagnostics"]["iterations"], list)
+    torch.testing.assert_close(from_wire(wire)["omega"], value["omega"])  # wire untouched
 
 
 def test_a_step_leaves_nothing_behind():
