@@ -125,7 +125,10 @@ def test_wire_format_round_trips_and_sends_no_tensor():
         if isinstance(a, torch.Tensor):
             assert b.dtype == a.dtype
             torch.testing.assert_close(b, a)
-            b.add_(1) if b.dtype != torch.bool else b.logical_not_()  # writable, its own
+            if b.dtype == torch.bool:  # writable: memory of its own, not the wire's
+                b.logical_not_()
+            else:
+                b.add_(1)
         else:
             assert b == a
     assert isinstance(back["grads"], tuple) and isinstance(back["grads"][0], RowOuter)
