@@ -292,11 +292,13 @@ class ExpertsFunction(torch.autograd.Function):
         ctx.executor, ctx.token = executor, solved.token
         ctx.dtypes = [t.dtype for t in flat]
         ctx.devices = [t.device for t in flat]
+        # where the model is: Ray experts answer through the host, from whatever device
+        omegas = [w.to(flat[0].device) for w in solved.omegas]
         # The omegas are this node's outputs: kept as a ctx attribute they would hold the
         # node that holds them, and every step's graph (and rows) would stay in memory.
-        ctx.save_for_backward(*solved.omegas)
+        ctx.save_for_backward(*omegas)
         record["solved"] = solved
-        return tuple(solved.omegas)
+        return tuple(omegas)
 
     @staticmethod
     def backward(ctx, *omega_bars):

@@ -181,3 +181,32 @@ def test_one_expert_per_gpu_across_two_nodes():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_model_on_the_gpu_trains_with_ray_experts(local_ray):
+    """The device path of training on a GPU machine: the model on the GPU, its experts Ray
+    actors that answer through the host. One loss and backward: the omegas come back on
+    the model's device, and every parameter's gradient is there and finite."""
+    from actors.surrogate import PDESurrogate
+
+    nt, nx = 6, 16
+    grids = {
+        "t": torch.linspace(0, 500, nt, dtype=torch.float64),
+        "x": (torch.arange(nx, dtype=torch.float64) + 0.5) / nx,
+    }
+    model = PDESurrogate(
+        "moe", CONFIG.pde, CONFIG.parameters, grids, 4, 8, 3, 1, (1, 4), CONFIG.options, 20
+    ).to("cuda")
+    model.executor = RayExperts(model.expert_config(), model.num_experts)
+    try:
+        initial = torch.full((2, nx), 0.1, device="cuda")
+        loss, u, solved = model.loss(initial, torch.Generator().manual_seed(0))
+        loss.backward()
+        assert u.device.type == "cuda" and torch.isfinite(loss)
+        for name, p in model.named_parameters():
+            assert p.grad is not None and p.grad.device.type == "cuda", name
+            assert torch.isfinite(p.grad).all(), name
+        assert len(solved.diagnostics) == 4
+    finally:
+        model.executor.close()

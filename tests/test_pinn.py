@@ -729,6 +729,25 @@ def test_interface_jumps_are_the_sides_differences_at_the_faces():
     assert torch.allclose(by_time[0], value - 3 * value, atol=1e-12)
 
 
+def test_ds_assembled_fields_take_the_omegas_as_assemble_does():
+    """Ray experts answer through the host: the omegas may come on another device or in
+    another dtype than the basis, and every field (the assembled ones, the boundary traces,
+    the interface jumps) takes them on the basis' device and dtype."""
+    nt, nx = 6, 16
+    grids = ds_grids(nt, nx)
+    c = DiffusionSorptionConstraint()
+    partition = Partition((nt, nx), (1, 4))
+    derivs = c.derivatives(random_basis(2, 3, (nt, nx), seed=1), grids)
+    omegas = [torch.randn(2, 3, dtype=F64) for _ in range(4)]
+    other = [w.float() for w in omegas]  # what a float32 answer would be
+    want = c.assembled_fields(derivs, [w.float().double() for w in omegas], partition, grids)
+    got = c.assembled_fields(derivs, other, partition, grids)
+    assert set(got) == set(want) and "jumps" in got
+    for key, value in want.items():
+        assert got[key].dtype == F64
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------
 # In-process expert solves (needs actors.constraint)
 # ---------------------------------------------------------------------------

@@ -379,6 +379,8 @@ class DiffusionSorptionConstraint:
         continuous there) do not enter the loss as huge second differences. With `grids`
         and a split domain, also the jumps at the interfaces (`interface_jumps`)."""
         fields = {k: assemble(derivs[k], omegas, partition) for k in ("u", "u_tau", "u_xx")}
+        u = fields["u"]
+        omegas = [w.to(u.device, u.dtype) for w in omegas]  # as `assemble` takes them
         nt, nx = partition.grid_shape
         for key, side in (("u_left", 0), ("u_right", nx - 1), ("ux_right", nx - 1)):
             trace = derivs[key]  # (B, N, nt)
