@@ -20,6 +20,7 @@ def gather_rows(field: Tensor, points: Tensor) -> Tensor:
     # gather (backward: scatter_add) then one copy to (B, m, N): forward and backward about
     # half the time of index_select (whose transposed result every consumer then copied)
     # and of advanced indexing on the transposed field (backward: a sorting accumulate-put)
+    points = points.to(flat.device)  # drawn on the host (`Partition.sample`)
     shared = points.ndim == 1
     index = (points if shared else points[:, None, :]).expand(*flat.shape[:2], -1)  # (B, N, m)
     return torch.gather(flat, 2, index).transpose(1, 2).contiguous()
