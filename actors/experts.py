@@ -227,7 +227,9 @@ class ExpertActor:
         self.held = (token, tensors)
         return to_wire(self.solver.solve(tensors))
 
-    def vjp(self, token: str, ref: list, omega: np.ndarray, omega_bar: np.ndarray) -> dict:
+    def vjp(
+        self, token: str, ref: list, omega: np.ndarray, omega_bar: np.ndarray
+    ) -> dict[str, Any]:
         """The backward of the solve `token`, on the rows kept from it; a restarted
         process, which holds none, fetches them again from the object store."""
         import ray

@@ -186,8 +186,9 @@ def test_one_expert_per_gpu_across_two_nodes():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_a_model_on_the_gpu_trains_with_ray_experts(local_ray):
     """The device path of training on a GPU machine: the model on the GPU, its experts Ray
-    actors that answer through the host. One loss and backward: the omegas come back on
-    the model's device, and every parameter's gradient is there and finite."""
+    actors that answer through the host. One loss and backward run (the rows gathered with
+    host-drawn points, the omegas brought back to the GPU), and u and every parameter's
+    gradient are on the GPU and finite."""
     from actors.surrogate import PDESurrogate
 
     nt, nx = 6, 16
