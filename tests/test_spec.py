@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from flows.errors import UserError
@@ -98,3 +100,55 @@ def test_digest_follows_content():
     b = a.model_copy(update={"samples": 5})
     assert a.digest() == a.model_copy().digest()
     assert a.digest() != b.digest()
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def shipped_spec_class(name: str):
+    """The spec each shipped config is read as, by the command its header names."""
+    from flows.nas import NASSpec
+    from flows.pbt import PbtSpec
+    from flows.quickstart import RunSpec
+    from flows.train import TrainSpec
+
+    prefix = name.split("-")[0]
+    return {
+        "preprocess": PreprocessSpec,
+        "ingest": PreprocessSpec,
+        "quickstart": RunSpec,
+        "pbt": PbtSpec,
+        "nas": NASSpec,
+    }.get(prefix, TrainSpec)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_as_its_command_reads_it(path):
+    spec = load_spec(shipped_spec_class(path.stem), path)
+    assert spec.resolved()
+
+
+def test_shipped_training_configs_are_what_their_names_say():
+    """ds-/ns- x moe/hc/sc: the model kind, K = 4 experts for the MoE (one for PI-HC and
+    PI-SC), and a data set that a shipped preprocessing config publishes, of that PDE."""
+    from flows.train import TrainSpec
+
+    published = {}
+    for path in CONFIGS:
+        if path.stem.startswith("preprocess-"):
+            spec = load_spec(PreprocessSpec, path)
+            published[spec.name] = spec.simulation.pde
+    pdes = {"ds": "diffusion-sorption", "ns": "navier-stokes"}
+    names = [p for p in CONFIGS if p.stem.split("-")[0] in pdes]
+    assert sorted(p.stem for p in names) == [
+        f"{pde}-{kind}" for pde in ("ds", "ns") for kind in ("hc", "moe", "sc")
+    ]
+    for path in names:
+        pde, kind = path.stem.split("-")
+        spec = load_spec(TrainSpec, path)
+        assert spec.model.kind == kind, path.name
+        experts = 1
+        for s in spec.model.splits:
+            experts *= s
+        assert experts == (4 if kind == "moe" else 1), path.name
+        assert published.get(spec.dataset) == pdes[pde], path.name
