@@ -172,6 +172,9 @@ def _print_train(result) -> None:
     resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
     out.print(f"trained {result.steps} steps{resumed} in {result.seconds:.1f} s")
     out.print(f"  test relative L2  {result.rel_l2_mean:.2%} ± {result.rel_l2_std:.2%}")
+    if result.step_seconds is not None:
+        share = "" if result.expert_share is None else f", {result.expert_share:.0%} in the experts"
+        out.print(f"  per step  {result.step_seconds:.3f} s (median){share}")
     out.print(f"  run    {result.run_id} (experiment train)")
     if result.registered:
         out.print(f"  model  {result.model_uri} (registered as {result.registered!r})")

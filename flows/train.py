@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -130,6 +131,8 @@ class TrainResult:
     model_uri: str | None
     registered: str | None
     resumed_from: int | None
+    step_seconds: float | None = None  # median training step of this session's steps
+    expert_share: float | None = None  # of those steps' time, the share in the experts
 
 
 # The problem: data set -> tensors -------------------------------------------------------
@@ -434,8 +437,13 @@ def train(
                 model.executor.close()
                 model.executor = None
         errors, first = evaluate(model, problem.dataset, problem.field, spec.eval_batch_size)
+        timing = step_summary(done.get("times", []))
         run.log_metrics(
-            {"test_rel_l2_mean": float(errors.mean()), "test_rel_l2_std": float(errors.std())}
+            {
+                "test_rel_l2_mean": float(errors.mean()),
+                "test_rel_l2_std": float(errors.std()),
+                **{k: v for k, v in timing.items() if v is not None},
+            }
         )
         from flows import plots
 
@@ -451,7 +459,25 @@ def train(
         model_uri=model_uri,
         registered=registered,
         resumed_from=start if latest is not None else None,
+        step_seconds=timing["step_seconds_median"],
+        expert_share=timing["expert_share"],
     )
+
+
+def step_summary(times: list[tuple[float, float | None]]) -> dict[str, float | None]:
+    """(step seconds, experts' seconds or None) of each step -> the median step and the
+    share of the steps' time spent in the experts (solve + backward), the first step left
+    out when there are others (it starts what later steps reuse)."""
+    steady = times[1:] if len(times) > 1 else times
+    if not steady:
+        return {"step_seconds_median": None, "expert_share": None}
+    total = sum(t for t, _ in steady)
+    experts = [e for _, e in steady if e is not None]
+    share = sum(experts) / total if experts and total > 0 else None
+    return {
+        "step_seconds_median": statistics.median(t for t, _ in steady),
+        "expert_share": share,
+    }
 
 
 def learning_rate(t: TrainingSpec, step: int, base: float | None = None) -> float:
@@ -483,6 +509,9 @@ def _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress):
         loss, norm, solved = _train_step(model, optimizer, train_data, t, t.seed, step)
         done["step"] = step + 1
         seconds = time.perf_counter() - t0
+        done.setdefault("times", []).append(
+            (seconds, None if solved is None else _experts_seconds(solved, model.executor))
+        )
         metrics = {
             "loss": float(loss.detach()),
             "grad_norm": float(norm),
@@ -531,10 +560,15 @@ def step_batch(train_data, batch_size: int, seed: int, step: int):
     return initial, torch.Generator().manual_seed(int(rng.integers(2**62)))
 
 
+def _experts_seconds(solved, executor) -> float:
+    """A step's wall time in the experts: their solves and implicit backward."""
+    return solved.seconds + getattr(executor, "last_vjp_seconds", 0.0)
+
+
 def _expert_metrics(solved, step_seconds: float, executor) -> dict[str, float]:
     d = solved.diagnostics
     n = max(len(d), 1)
-    experts = solved.seconds + getattr(executor, "last_vjp_seconds", 0.0)  # solve + backward
+    experts = _experts_seconds(solved, executor)
     return {
         "lm_iterations": sum(x.get("iterations_mean", 0.0) for x in d) / n,
         "converged_share": sum(x.get("converged_fraction", 0.0) for x in d) / n,

@@ -72,6 +72,18 @@ def test_each_kind_trains_logs_and_registers(tiny, kind):
     if kind != "sc":
         assert 0.0 <= run.data.metrics["converged_share"] <= 1.0
         assert run.data.metrics["lm_iterations"] >= 1
+    # the summary: the median step and the experts' share, from every step but the first
+    client = mlflow.MlflowClient()
+    steps = [m.value for m in client.get_metric_history(result.run_id, "step_seconds")][1:]
+    assert result.step_seconds == pytest.approx(float(np.median(steps)), rel=1e-12)
+    assert run.data.metrics["step_seconds_median"] == pytest.approx(result.step_seconds)
+    if kind == "sc":
+        assert result.expert_share is None and "expert_share" not in run.data.metrics
+    else:
+        experts = [m.value for m in client.get_metric_history(result.run_id, "expert_seconds")]
+        assert 0 < result.expert_share < 1
+        assert result.expert_share == pytest.approx(sum(experts[1:]) / sum(steps), rel=1e-12)
+        assert run.data.metrics["expert_share"] == pytest.approx(result.expert_share)
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
     assert {"prediction.png", "spec.yaml"} <= names
     versions = mlflow.MlflowClient().search_model_versions(f"name='tiny-{kind}'")
@@ -161,6 +173,7 @@ def test_cli_train_evaluate_and_user_errors(tiny, tmp_path):
     result = runner.invoke(app, ["train", str(path)])
     assert result.exit_code == 0, result.output
     assert "test relative L2" in result.output and "registered as 'tiny'" in result.output
+    assert "s (median)," in result.output and "in the experts" in result.output
     run_id = next(
         line.split()[1] for line in result.output.splitlines() if line.strip().startswith("run ")
     )
