@@ -13,7 +13,7 @@ from pydantic import model_validator
 from flows.preprocess import PreprocessSpec, preprocess
 from flows.spec import Spec
 from flows.storage import Storage
-from flows.train import TrainResult, TrainSpec, train
+from flows.train import TrainResult, TrainSpec, train, training_device
 
 
 class RunSpec(Spec):
@@ -39,6 +39,7 @@ def run(
     ray_address=None,
 ):
     storage = storage or Storage.from_env()
+    training_device(spec.train)  # a device this machine lacks: said before any simulating
     data, _ = preprocess(spec.preprocess, storage, dask_address, workers, preprocess_progress)
     spec.train.dataset = data.folder
     result: TrainResult = train(

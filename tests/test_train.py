@@ -3,6 +3,8 @@ resume, a killed expert, evaluation, and the user mistakes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pytest
@@ -225,3 +227,37 @@ def test_a_data_set_of_another_pde_is_refused(home, dask_address, tmp_path):
     asked = spec(name="ns", dataset="ns-tiny", constraint__balance_rows=False)
     with pytest.raises(UserError, match="constraint.balance_rows: a navier-stokes model has no"):
         train(asked, storage)
+
+
+def test_cli_run_preprocesses_trains_registers_and_says_where_to_look(home):
+    """`physflow run` (what `make run` runs) on the quickstart's config, made tiny; and a
+    device this machine lacks is refused before anything is simulated."""
+    import torch
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    tiny_run = [
+        "preprocess.samples=8", "preprocess.simulation.nx=32", "preprocess.simulation.nt=9",
+        "train.training.steps=3", "train.training.warmup_steps=1",
+        "train.constraint.collocation_points=60", "train.model.width=8",
+        "train.model.layers=1", "train.experts.executor=local",
+    ]  # fmt: skip
+    sets = [x for item in tiny_run for x in ("--set", item)]
+    got = runner.invoke(app, ["run", str(config), *sets, "--workers", "1"])
+    assert got.exit_code == 0, got.output
+    for line in (
+        "data   ds-quickstart v1: 8 samples",
+        "trained 3 steps",
+        "s (median), ",
+        "(registered as 'quickstart-moe')",
+        "browse  make ui",
+    ):
+        assert line in got.output, (line, got.output)
+
+    if torch.cuda.is_available():
+        return
+    gpu = [*sets, "--set", "preprocess.name=ds-elsewhere", "--set", "train.training.device=cuda"]
+    refused = runner.invoke(app, ["run", str(config), *gpu, "--workers", "1"])
+    assert refused.exit_code == 2, refused.output
+    assert "training.device: cuda, but torch sees no GPU" in refused.output
+    assert "Traceback" not in refused.output
+    assert not (home / "datasets" / "ds-elsewhere").exists()  # nothing simulated
