@@ -255,28 +255,25 @@ def to_wire(value: Any) -> Any:
     """Tensors as NumPy arrays, also inside tuples, lists, dicts and `RowOuter` factors:
     Ray sends NumPy arrays as raw buffers (zero-copy from the object store), a tensor
     pickled whole. Four experts' gradients come back in 8 ms as arrays, 20 ms as tensors."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().contiguous().numpy()
-    if isinstance(value, RowOuter):
-        return RowOuter(to_wire(value.coefficients), to_wire(value.vectors))
-    if isinstance(value, dict):
-        return {k: to_wire(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_wire(v) for v in value)
-    return value
+    return _convert(value, torch.Tensor, lambda t: t.detach().cpu().contiguous().numpy())
 
 
 def from_wire(value: Any) -> Any:
     """`to_wire`'s inverse. The object store's arrays are read-only views of shared memory:
     copied, so that nothing can write into them (and the store can free them)."""
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.array(value, copy=True))
+    return _convert(value, np.ndarray, lambda a: torch.from_numpy(np.array(a, copy=True)))
+
+
+def _convert(value: Any, kind: type, convert) -> Any:
+    """`value` with every `kind` in it, however nested, replaced by `convert` of it."""
+    if isinstance(value, kind):
+        return convert(value)
     if isinstance(value, RowOuter):
-        return RowOuter(from_wire(value.coefficients), from_wire(value.vectors))
+        return RowOuter(*(_convert(f, kind, convert) for f in (value.coefficients, value.vectors)))
     if isinstance(value, dict):
-        return {k: from_wire(v) for k, v in value.items()}
+        return {k: _convert(v, kind, convert) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        return type(value)(from_wire(v) for v in value)
+        return type(value)(_convert(v, kind, convert) for v in value)
     return value
 
 

@@ -509,9 +509,6 @@ def _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress):
         loss, norm, solved = _train_step(model, optimizer, train_data, t, t.seed, step)
         done["step"] = step + 1
         seconds = time.perf_counter() - t0
-        done.setdefault("times", []).append(
-            (seconds, None if solved is None else _experts_seconds(solved, model.executor))
-        )
         metrics = {
             "loss": float(loss.detach()),
             "grad_norm": float(norm),
@@ -520,6 +517,7 @@ def _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress):
         }
         if solved is not None:
             metrics.update(_expert_metrics(solved, seconds, model.executor))
+        done.setdefault("times", []).append((seconds, metrics.get("expert_seconds")))
         if not math.isfinite(metrics["loss"]):
             raise UserError(
                 f"training diverged at step {step + 1}: loss is {metrics['loss']}"
@@ -560,15 +558,10 @@ def step_batch(train_data, batch_size: int, seed: int, step: int):
     return initial, torch.Generator().manual_seed(int(rng.integers(2**62)))
 
 
-def _experts_seconds(solved, executor) -> float:
-    """A step's wall time in the experts: their solves and implicit backward."""
-    return solved.seconds + getattr(executor, "last_vjp_seconds", 0.0)
-
-
 def _expert_metrics(solved, step_seconds: float, executor) -> dict[str, float]:
     d = solved.diagnostics
     n = max(len(d), 1)
-    experts = _experts_seconds(solved, executor)
+    experts = solved.seconds + getattr(executor, "last_vjp_seconds", 0.0)  # solve + backward
     return {
         "lm_iterations": sum(x.get("iterations_mean", 0.0) for x in d) / n,
         "converged_share": sum(x.get("converged_fraction", 0.0) for x in d) / n,
