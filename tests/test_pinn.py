@@ -989,3 +989,26 @@ def test_models_saved_before_row_weights_load_with_them_off():
     del model.pde_parameters["balance_rows"]  # as a model saved before the setting
     old = pickle.loads(pickle.dumps(model))
     assert old.constraint.balance_rows is False and old.pde_parameters["balance_rows"] is False
+
+
+def test_unit_rms_backward_matches_autograd_and_finite_differences():
+    """The basis normalisation's closed-form backward: against gradcheck (finite
+    differences) and against autograd through the plain formula, with one function of one
+    sample below the floor (its scale a constant there)."""
+    from actors.surrogate import unit_rms
+
+    def plain(basis, floor=1e-6):
+        return basis / basis.pow(2).mean(dim=(2, 3), keepdim=True).sqrt().clamp_min(floor)
+
+    torch.manual_seed(0)
+    basis = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    basis[1, 2] *= 1e-9  # RMS ~1e-9 < floor
+    basis.requires_grad_(True)
+    assert torch.equal(unit_rms(basis), plain(basis))
+    assert torch.autograd.gradcheck(unit_rms, (basis,))
+    weight = torch.randn_like(basis)
+    (ours,) = torch.autograd.grad((unit_rms(basis) * weight).sum(), basis)
+    (reference,) = torch.autograd.grad((plain(basis) * weight).sum(), basis)
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    # the floored function's gradient is the plain division's, 1 / floor per unit
+    torch.testing.assert_close(ours[1, 2], weight[1, 2] / 1e-6)
