@@ -763,24 +763,29 @@ def test_expert_problems_shapes():
     assert len(problems) == 4 and all(p[0].shape == (2, 5, 3) for p in problems)
 
 
+@pytest.mark.parametrize("m", [7, 10**6])  # 7 per expert; every point of each block
 @pytest.mark.parametrize("pde", ["ds", "ns"])
-def test_expert_problems_gather_together_what_each_expert_would_gather_alone(pde):
+def test_expert_problems_gather_together_what_each_expert_would_gather_alone(pde, m):
     if pde == "ds":
-        c, grids, grid, splits = DiffusionSorptionConstraint(), ds_grids(9, 12), (9, 12), (1, 4)
+        c, grids, grid = DiffusionSorptionConstraint(), ds_grids(9, 12), (9, 12)
+        splits = (1, 4) if m == 7 else (1, 5)  # blocks of 3, 3, 2, 2, 2 columns
         initial = torch.rand(2, 12, dtype=F64)
     else:
-        c, grids, grid, splits = NavierStokesConstraint(), ns_grids(4, 8, 1.0), (4, 8, 8), (2, 2, 1)
+        c, grids, grid = NavierStokesConstraint(), ns_grids(4, 8, 1.0), (4, 8, 8)
+        splits = (2, 2, 1) if m == 7 else (3, 2, 1)  # blocks of 2, 1, 1 time levels
         initial = torch.randn(2, 8, 8, dtype=F64)
     basis = random_basis(2, 3, grid, 8).requires_grad_()
     partition = Partition(grid, splits)
     problems = expert_problems(
-        c, basis, initial, grids, partition, 7, torch.Generator().manual_seed(1)
+        c, basis, initial, grids, partition, m, torch.Generator().manual_seed(1)
     )
     derivs = c.derivatives(basis, grids)
     gen = torch.Generator().manual_seed(1)
     first = getattr(c, "settling_levels", 0)
-    points = [partition.sample(k, 7, gen, first) for k in range(partition.num_experts)]
+    points = [partition.sample(k, m, gen, first) for k in range(partition.num_experts)]
     assert all(bool((p >= first * grid[-1]).all()) for p in points) or pde == "ns"
+    # equal runs of points (each expert's rows gathered contiguous) or all of unequal blocks
+    assert (len({p.shape[-1] for p in points}) == 1) == (m == 7)
     alone = [c.expert_params(derivs, initial, partition, k, p, grids) for k, p in enumerate(points)]
     for together, single in zip(problems, alone, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(together, single, strict=True))
