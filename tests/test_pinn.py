@@ -784,7 +784,7 @@ def test_expert_problems_gather_together_what_each_expert_would_gather_alone(pde
     first = getattr(c, "settling_levels", 0)
     points = [partition.sample(k, m, gen, first) for k in range(partition.num_experts)]
     assert all(bool((p >= first * grid[-1]).all()) for p in points) or pde == "ns"
-    # equal runs of points (each expert's rows gathered contiguous) or all of unequal blocks
+    # as many points per expert, or every point of blocks of unequal sizes
     assert (len({p.shape[-1] for p in points}) == 1) == (m == 7)
     alone = [c.expert_params(derivs, initial, partition, k, p, grids) for k, p in enumerate(points)]
     for together, single in zip(problems, alone, strict=True):

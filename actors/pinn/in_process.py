@@ -49,16 +49,9 @@ def expert_problems(
     points = [partition.sample(k, m, generator, first) for k in range(partition.num_experts)]
     sizes = [p.shape[-1] for p in points]
     together = torch.cat(points, dim=-1)
-    if len(sizes) > 1 and len(set(sizes)) == 1:  # each expert's rows contiguous as gathered
-        k = len(sizes)
-        split = {
-            key: gather_rows(derivs[key], together, k).unbind(0) for key in constraint.row_keys
-        }
-    else:
-        split = {
-            key: gather_rows(derivs[key], together).split(sizes, dim=1)
-            for key in constraint.row_keys
-        }
+    split = {
+        key: gather_rows(derivs[key], together).split(sizes, dim=1) for key in constraint.row_keys
+    }
     return [
         constraint.expert_params(
             derivs, initial, partition, k, points[k], grids, {key: split[key][k] for key in split}

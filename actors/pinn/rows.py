@@ -14,10 +14,8 @@ import torch
 from torch import Tensor
 
 
-def gather_rows(field: Tensor, points: Tensor, groups: int = 1) -> Tensor:
-    """field (B, N, *grid), points (m,) or (B, m) flat grid indices -> rows (B, m, N); with
-    `groups` = K > 1 (K equal runs of points, one per expert), (K, B, m / K, N): each
-    expert's rows contiguous, with no copy of them to make."""
+def gather_rows(field: Tensor, points: Tensor) -> Tensor:
+    """field (B, N, *grid), points (m,) or (B, m) flat grid indices -> rows (B, m, N)."""
     flat = field.reshape(field.shape[0], field.shape[1], -1)  # (B, N, P)
     # gather (backward: scatter_add) then one copy to (B, m, N): forward and backward about
     # half the time of index_select (whose transposed result every consumer then copied)
@@ -25,11 +23,7 @@ def gather_rows(field: Tensor, points: Tensor, groups: int = 1) -> Tensor:
     points = points.to(flat.device)  # drawn on the host (`Partition.sample`)
     shared = points.ndim == 1
     index = (points if shared else points[:, None, :]).expand(*flat.shape[:2], -1)  # (B, N, m)
-    rows = torch.gather(flat, 2, index)  # (B, N, m)
-    if groups == 1:
-        return rows.transpose(1, 2).contiguous()
-    batch, n = rows.shape[:2]
-    return rows.view(batch, n, groups, -1).permute(2, 0, 3, 1).contiguous()
+    return torch.gather(flat, 2, index).transpose(1, 2).contiguous()
 
 
 def check_points(points, batch: int, num_points: int) -> Tensor:
