@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from actors.constraint import LMOptions
 from actors.expert import ExpertConfig
@@ -182,6 +183,7 @@ class _UnitRMS(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the scale is a constant to this backward: no second derivative
     def backward(ctx, grad: torch.Tensor):
         out, scale = ctx.saved_tensors
         count = out[0, 0].numel()

@@ -996,17 +996,19 @@ def test_models_saved_before_row_weights_load_with_them_off():
     assert old.constraint.balance_rows is False and old.pde_parameters["balance_rows"] is False
 
 
-def test_unit_rms_backward_matches_autograd_and_finite_differences():
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (2, 3, 3, 4, 5)])  # (B, N, t, x[, y])
+def test_unit_rms_backward_matches_autograd_and_finite_differences(shape):
     """The basis normalisation's closed-form backward: against gradcheck (finite
     differences) and against autograd through the plain formula, with one function of one
     sample below the floor (its scale a constant there)."""
     from actors.surrogate import unit_rms
 
     def plain(basis, floor=1e-6):
-        return basis / basis.pow(2).mean(dim=(2, 3), keepdim=True).sqrt().clamp_min(floor)
+        dims = tuple(range(2, basis.dim()))
+        return basis / basis.pow(2).mean(dim=dims, keepdim=True).sqrt().clamp_min(floor)
 
     torch.manual_seed(0)
-    basis = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    basis = torch.randn(shape, dtype=torch.float64)
     basis[1, 2] *= 1e-9  # RMS ~1e-9 < floor
     basis.requires_grad_(True)
     assert torch.equal(unit_rms(basis), plain(basis))
