@@ -86,9 +86,9 @@ def test_each_kind_trains_logs_and_registers(tiny, kind):
         assert 0 < result.expert_share < 1
         assert result.expert_share == pytest.approx(sum(experts[1:]) / sum(steps), rel=1e-12)
         assert run.data.metrics["expert_share"] == pytest.approx(result.expert_share)
-    names = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
+    names = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"prediction.png", "spec.yaml"} <= names
-    versions = mlflow.MlflowClient().search_model_versions(f"name='tiny-{kind}'")
+    versions = client.search_model_versions(f"name='tiny-{kind}'")
     assert [v.run_id for v in versions] == [result.run_id]
     assert result.registered == f"tiny-{kind}"
     model = mlflow.pytorch.load_model(result.model_uri)
