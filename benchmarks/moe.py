@@ -40,8 +40,11 @@ from actors.heap import HEAP_ENV
 
 # accuracy: every grid point is a collocation point (points >= grid size), so PI-HC and the
 # experts see the same rows; timing: the same total points, split four ways for the MoE.
+# The quick size keeps the full size's 256 cells and saves on time steps, samples and the
+# network: the MoE's advantage is one of resolution (on 64 cells PI-HC's one solve fits
+# the solution best; at 256 it no longer does, see the README).
 SIZES = {
-    True: dict(samples=48, nx=64, nt=21, steps=1000, width=16, layers=3, points=10**6,
+    True: dict(samples=48, nx=256, nt=21, steps=1000, width=16, layers=3, points=10**6,
                timing_nx=512, timing_nt=51, timing_points=24000, timing_steps=120,
                ift_batch=16),
     False: dict(samples=200, nx=256, nt=51, steps=1000, width=32, layers=4, points=10**6,
@@ -369,7 +372,6 @@ def main() -> None:
         print("implicit vs unrolled backward ...", flush=True)
         backward = backward_comparison(root, size)
 
-    print(f"\n{'figure':<44} {'value':>12}")
     rows = [
         ("PI-HC step, 1 expert, M points (s)", timing["hc_seconds"]),
         ("PI-HC expert's phase (s)", timing["hc_experts"]),
@@ -394,8 +396,10 @@ def main() -> None:
         ("implicit peak memory growth (MB)", backward["implicit"]["peak_mb"]),
         ("unrolled peak memory growth (MB)", backward["unrolled"]["peak_mb"]),
     ]
+    width = max(len(name) for name, _ in rows)
+    print(f"\n{'figure':<{width}} {'value':>12}")
     for name, value in rows:
-        print(f"{name:<44} {value:>12.3f}")
+        print(f"{name:<{width}} {value:>12.3f}")
     implicit = backward["implicit"]["forward_s"] + backward["implicit"]["backward_s"]
     unrolled = backward["unrolled"]["forward_s"] + backward["unrolled"]["backward_s"]
     figures = {
