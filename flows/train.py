@@ -425,7 +425,7 @@ def train(
                 spec.experts.cpus_per_expert,
             )
             run.log_json(model.executor.placement(), "experts/placement.json")
-        done = {"step": start}
+        done = {"step": start, "times": []}
         try:
             _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress)
         except KeyboardInterrupt:
@@ -437,7 +437,7 @@ def train(
                 model.executor.close()
                 model.executor = None
         errors, first = evaluate(model, problem.dataset, problem.field, spec.eval_batch_size)
-        timing = step_summary(done.get("times", []))
+        timing = step_summary(done["times"])
         run.log_metrics(
             {
                 "test_rel_l2_mean": float(errors.mean()),
@@ -496,8 +496,9 @@ def learning_rate(t: TrainingSpec, step: int, base: float | None = None) -> floa
 
 
 def _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress):
-    """The training steps from `done["step"]`, which it keeps up to date. Each step's batch
-    and collocation points come from (seed, step), so a resumed or retried step sees exactly
+    """The training steps from `done["step"]`, which it keeps up to date, appending each
+    step's seconds and its experts' seconds to `done["times"]`. Each step's batch and
+    collocation points come from (seed, step), so a resumed or retried step sees exactly
     what the original would have."""
 
     t = spec.training
@@ -517,7 +518,7 @@ def _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress):
         }
         if solved is not None:
             metrics.update(_expert_metrics(solved, seconds, model.executor))
-        done.setdefault("times", []).append((seconds, metrics.get("expert_seconds")))
+        done["times"].append((seconds, metrics.get("expert_seconds")))
         if not math.isfinite(metrics["loss"]):
             raise UserError(
                 f"training diverged at step {step + 1}: loss is {metrics['loss']}"
