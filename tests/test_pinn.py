@@ -38,6 +38,7 @@ from actors.pinn import (
     navier_stokes_residual,
     solve_in_process,
 )
+from actors.pinn.rows import gather_blocks, gather_rows
 from actors.pinn.stencils import first_derivative, lagrange_weights, second_derivative, trace
 
 # torch.func's forward mode loads torch's own TorchScript decompositions on first use
@@ -763,9 +764,29 @@ def test_expert_problems_shapes():
     assert len(problems) == 4 and all(p[0].shape == (2, 5, 3) for p in problems)
 
 
+def test_gather_blocks_rows_and_their_gradient_match_gather_rows_per_block():
+    field = torch.randn(2, 3, 5, 6, dtype=F64, requires_grad=True)
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randperm(30, generator=g)[:7].sort().values
+    per_sample = torch.stack([torch.randperm(30, generator=g)[:4] for _ in range(2)])
+    unused = torch.tensor([0, 29])
+    blocks = gather_blocks(field, [shared, per_sample, unused])
+    alone = [gather_rows(field, p) for p in (shared, per_sample, unused)]
+    assert all(a.is_contiguous() and torch.equal(a, b) for a, b in zip(blocks, alone, strict=True))
+    assert [tuple(b.shape) for b in blocks] == [(2, 7, 3), (2, 4, 3), (2, 2, 3)]
+    # the third block takes no part: its gradient is None, nothing scatters from it
+    weights = [torch.randn_like(b) for b in blocks[:2]]
+    (grad,) = torch.autograd.grad(sum((b * w).sum() for b, w in zip(blocks, weights)), field)
+    (truth,) = torch.autograd.grad(sum((b * w).sum() for b, w in zip(alone, weights)), field)
+    assert torch.allclose(grad, truth, rtol=0, atol=1e-15)
+    assert torch.autograd.gradcheck(
+        lambda f: tuple(gather_blocks(f, [shared, per_sample])), (field,)
+    )
+
+
 @pytest.mark.parametrize("m", [7, 10**6])  # 7 per expert; every point of each block
 @pytest.mark.parametrize("pde", ["ds", "ns"])
-def test_expert_problems_gather_together_what_each_expert_would_gather_alone(pde, m):
+def test_expert_problems_gather_what_each_expert_would_gather_alone(pde, m):
     if pde == "ds":
         c, grids, grid = DiffusionSorptionConstraint(), ds_grids(9, 12), (9, 12)
         splits = (1, 4) if m == 7 else (1, 5)  # blocks of 3, 3, 2, 2, 2 columns

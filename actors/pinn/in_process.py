@@ -21,7 +21,7 @@ from torch import Tensor
 
 from actors.pinn.model import assemble
 from actors.pinn.partition import Partition
-from actors.pinn.rows import gather_rows
+from actors.pinn.rows import gather_blocks
 
 
 def expert_problems(
@@ -39,22 +39,18 @@ def expert_problems(
     The tuples are differentiable w.r.t. the basis when it requires grad. `derivs`, the
     basis' derivatives if the caller has them already.
 
-    The rows of all experts are gathered together, one gather per field: the backward
-    then scatters into each field once, instead of once per expert into a zero-filled
-    copy of the whole grid that autograd then sums."""
+    Each expert's rows are gathered into a block of their own, as they are shipped, and
+    the backward scatters every expert's block into one gradient per field
+    (`gather_blocks`)."""
     if derivs is None:
         derivs = constraint.derivatives(basis, grids)
     # no point where the PDE is not imposed (its rows would be zeros: no say in the solve)
     first = getattr(constraint, "settling_levels", 0)
     points = [partition.sample(k, m, generator, first) for k in range(partition.num_experts)]
-    sizes = [p.shape[-1] for p in points]
-    together = torch.cat(points, dim=-1)
-    split = {
-        key: gather_rows(derivs[key], together).split(sizes, dim=1) for key in constraint.row_keys
-    }
+    blocks = {key: gather_blocks(derivs[key], points) for key in constraint.row_keys}
     return [
         constraint.expert_params(
-            derivs, initial, partition, k, points[k], grids, {key: split[key][k] for key in split}
+            derivs, initial, partition, k, points[k], grids, {key: blocks[key][k] for key in blocks}
         )
         for k in range(partition.num_experts)
     ]

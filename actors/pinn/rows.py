@@ -3,15 +3,18 @@
 An expert's problem is made of rows of the global derivative arrays, one row (N,) per
 collocation point, so applying omega is a matrix product. `gather_rows` takes those rows
 for shared (m,) or per-sample (B, m) flat point indices, as `Partition.sample` returns
-them. `rms` is the size measure of the physics loss: the 2-norm divided by the square
+them; `gather_blocks` takes several experts' rows from one field at once. `rms` is the size measure of the physics loss: the 2-norm divided by the square
 root of the point count, so the loss does not grow with the grid resolution.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 def gather_rows(field: Tensor, points: Tensor) -> Tensor:
@@ -24,6 +27,45 @@ def gather_rows(field: Tensor, points: Tensor) -> Tensor:
     shared = points.ndim == 1
     index = (points if shared else points[:, None, :]).expand(*flat.shape[:2], -1)  # (B, N, m)
     return torch.gather(flat, 2, index).transpose(1, 2).contiguous()
+
+
+def gather_blocks(field: Tensor, blocks: Sequence[Tensor]) -> list[Tensor]:
+    """field (B, N, *grid), one (m_k,) or (B, m_k) index tensor per block -> each block's
+    rows (B, m_k, N), each contiguous (as an expert's problem is shipped).
+
+    The backward scatters every block's gradient into one zero-filled gradient of the
+    field. (`gather_rows` per block would have each block's backward fill a grid of zeros,
+    which autograd then sums; one gather of all blocks split afterwards copies every block
+    once more, forward and backward: 3.0 vs 1.7 ms for four blocks of a 4 x 16 x 51 x 512
+    field.)"""
+    return list(_GatherBlocks.apply(field, *blocks))
+
+
+class _GatherBlocks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, field: Tensor, *blocks: Tensor):
+        blocks = tuple(b.to(field.device) for b in blocks)
+        ctx.save_for_backward(*blocks)
+        ctx.shape = field.shape
+        ctx.set_materialize_grads(False)  # a block nobody used has no gradient to scatter
+        return tuple(gather_rows(field, b) for b in blocks)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Tensor | None):
+        blocks = ctx.saved_tensors
+        flat = None
+        for points, grad in zip(blocks, grads, strict=True):
+            if grad is None:
+                continue
+            if flat is None:
+                flat = grad.new_zeros(ctx.shape[0], ctx.shape[1], int(np.prod(ctx.shape[2:])))
+            index = (points if points.ndim == 1 else points[:, None, :]).expand(
+                *flat.shape[:2], -1
+            )
+            flat.scatter_add_(2, index, grad.transpose(1, 2))
+        field_grad = None if flat is None else flat.reshape(ctx.shape)
+        return (field_grad, *(None for _ in blocks))
 
 
 def check_points(points, batch: int, num_points: int) -> Tensor:
