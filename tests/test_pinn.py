@@ -776,8 +776,13 @@ def test_gather_blocks_rows_and_their_gradient_match_gather_rows_per_block():
     assert [tuple(b.shape) for b in blocks] == [(2, 7, 3), (2, 4, 3), (2, 2, 3)]
     # the third block takes no part: its gradient is None, nothing scatters from it
     weights = [torch.randn_like(b) for b in blocks[:2]]
-    (grad,) = torch.autograd.grad(sum((b * w).sum() for b, w in zip(blocks, weights)), field)
-    (truth,) = torch.autograd.grad(sum((b * w).sum() for b, w in zip(alone, weights)), field)
+    used, used_alone = blocks[:2], alone[:2]
+    (grad,) = torch.autograd.grad(
+        sum((b * w).sum() for b, w in zip(used, weights, strict=True)), field
+    )
+    (truth,) = torch.autograd.grad(
+        sum((b * w).sum() for b, w in zip(used_alone, weights, strict=True)), field
+    )
     assert torch.allclose(grad, truth, rtol=0, atol=1e-15)
     assert torch.autograd.gradcheck(
         lambda f: tuple(gather_blocks(f, [shared, per_sample])), (field,)

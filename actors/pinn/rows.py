@@ -3,8 +3,9 @@
 An expert's problem is made of rows of the global derivative arrays, one row (N,) per
 collocation point, so applying omega is a matrix product. `gather_rows` takes those rows
 for shared (m,) or per-sample (B, m) flat point indices, as `Partition.sample` returns
-them; `gather_blocks` takes several experts' rows from one field at once. `rms` is the size measure of the physics loss: the 2-norm divided by the square
-root of the point count, so the loss does not grow with the grid resolution.
+them; `gather_blocks` takes several experts' rows from one field at once. `rms` is the
+size measure of the physics loss: the 2-norm divided by the square root of the point
+count, so the loss does not grow with the grid resolution.
 """
 
 from __future__ import annotations
@@ -60,9 +61,7 @@ class _GatherBlocks(torch.autograd.Function):
                 continue
             if flat is None:
                 flat = grad.new_zeros(ctx.shape[0], ctx.shape[1], int(np.prod(ctx.shape[2:])))
-            index = (points if points.ndim == 1 else points[:, None, :]).expand(
-                *flat.shape[:2], -1
-            )
+            index = (points if points.ndim == 1 else points[:, None, :]).expand(*flat.shape[:2], -1)
             flat.scatter_add_(2, index, grad.transpose(1, 2))
         field_grad = None if flat is None else flat.reshape(ctx.shape)
         return (field_grad, *(None for _ in blocks))
