@@ -178,11 +178,13 @@ def step_timing(root: str, size: dict) -> dict[str, float]:
     the network's first moves, when the solves need few iterations)."""
     import ray
 
+    from actors import heap
     from actors.experts import RayExperts
     from flows.runtime import start_local_ray
     from flows.storage import Storage
     from flows.train import build_model, learning_rate, open_problem, step_batch
 
+    heap.use_in_this_process()  # as `train` sets up its driver
     steps = size["timing_steps"]
     specs = {
         kind: train_spec(

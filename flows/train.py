@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from actors import heap
 from flows.datasets import NAME_PATTERN, Dataset, open_dataset
 from flows.errors import UserError
 from flows.spec import Spec, digest_of
@@ -359,6 +360,7 @@ def train(
     storage = storage or Storage.from_env()
     t_start = time.perf_counter()
     device = training_device(spec)
+    heap.use_in_this_process()  # the driver's buffers reused from step to step
     problem = open_problem(spec, storage)
     train_data = problem.dataset.arrays("train")[problem.field]  # (n, nt, *space)
     torch.manual_seed(spec.training.seed)
@@ -745,4 +747,5 @@ def pbt_trainable(seed: int, options: dict[str, Any]) -> StepTrainer:
     "eval_samples": test samples scored at each ready point}."""
     spec = TrainSpec.model_validate(options["train"])
     storage = Storage.at(options["storage"])
+    heap.use_in_this_process()  # the member's process drives its experts as `train` does
     return StepTrainer(spec, storage, seed, int(options.get("eval_samples", 4)))
