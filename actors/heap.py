@@ -27,8 +27,8 @@ def use_in_this_process() -> bool:
     """`HEAP_ENV` for the running process, through glibc's `mallopt` (which the variables
     only preset at start-up) -> whether it took. For a training driver: glibc's own
     sliding thresholds had PI-HC's driver map, page-fault in (13 000 faults, about 50 MB)
-    and unmap again part of its network's and rows' buffers on every step (its step on the
-    quick timing problem 147 -> 130 ms). False, and nothing changed, where the C library
+    and unmap again part of its network's and rows' buffers on every step (its part of a
+    step on the quick timing problem 147 -> 130 ms). False, and nothing changed, where the C library
     has no `mallopt` (macOS)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt

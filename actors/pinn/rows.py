@@ -37,8 +37,8 @@ def gather_blocks(field: Tensor, blocks: Sequence[Tensor]) -> list[Tensor]:
     The backward scatters every block's gradient into one zero-filled gradient of the
     field. (`gather_rows` per block would have each block's backward fill a grid of zeros,
     which autograd then sums; one gather of all blocks split afterwards copies every block
-    once more, forward and backward: 3.0 vs 1.7 ms for four blocks of a 4 x 16 x 51 x 512
-    field.)"""
+    once more, forward and backward: PI-HC-MoE's driver step on the quick timing problem
+    took 141 ms that way, 126 ms this way.)"""
     return list(_GatherBlocks.apply(field, *blocks))
 
 
