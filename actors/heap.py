@@ -28,8 +28,8 @@ def use_in_this_process() -> bool:
     only preset at start-up) -> whether it took. For a training driver: glibc's own
     sliding thresholds had PI-HC's driver map, page-fault in (13 000 faults, about 50 MB)
     and unmap again part of its network's and rows' buffers on every step (its part of a
-    step on the quick timing problem 147 -> 130 ms). False, and nothing changed, where the C library
-    has no `mallopt` (macOS)."""
+    step on the quick timing problem 147 -> 130 ms). False, and nothing changed, where the
+    C library has no `mallopt` (macOS)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):

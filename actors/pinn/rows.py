@@ -24,10 +24,14 @@ def gather_rows(field: Tensor, points: Tensor) -> Tensor:
     # gather (backward: scatter_add) then one copy to (B, m, N): forward and backward about
     # half the time of index_select (whose transposed result every consumer then copied)
     # and of advanced indexing on the transposed field (backward: a sorting accumulate-put)
-    points = points.to(flat.device)  # drawn on the host (`Partition.sample`)
-    shared = points.ndim == 1
-    index = (points if shared else points[:, None, :]).expand(*flat.shape[:2], -1)  # (B, N, m)
-    return torch.gather(flat, 2, index).transpose(1, 2).contiguous()
+    return torch.gather(flat, 2, _index(points, flat)).transpose(1, 2).contiguous()
+
+
+def _index(points: Tensor, flat: Tensor) -> Tensor:
+    """(m,) or (B, m) flat indices -> the (B, N, m) index of `flat` (B, N, P)'s last axis,
+    on its device (points are drawn on the host, `Partition.sample`)."""
+    points = points.to(flat.device)
+    return (points if points.ndim == 1 else points[:, None, :]).expand(*flat.shape[:2], -1)
 
 
 def gather_blocks(field: Tensor, blocks: Sequence[Tensor]) -> list[Tensor]:
@@ -45,7 +49,6 @@ def gather_blocks(field: Tensor, blocks: Sequence[Tensor]) -> list[Tensor]:
 class _GatherBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, field: Tensor, *blocks: Tensor):
-        blocks = tuple(b.to(field.device) for b in blocks)
         ctx.save_for_backward(*blocks)
         ctx.shape = field.shape
         ctx.set_materialize_grads(False)  # a block nobody used has no gradient to scatter
@@ -61,8 +64,7 @@ class _GatherBlocks(torch.autograd.Function):
                 continue
             if flat is None:
                 flat = grad.new_zeros(ctx.shape[0], ctx.shape[1], int(np.prod(ctx.shape[2:])))
-            index = (points if points.ndim == 1 else points[:, None, :]).expand(*flat.shape[:2], -1)
-            flat.scatter_add_(2, index, grad.transpose(1, 2))
+            flat.scatter_add_(2, _index(points, flat), grad.transpose(1, 2))
         field_grad = None if flat is None else flat.reshape(ctx.shape)
         return (field_grad, *(None for _ in blocks))
 
