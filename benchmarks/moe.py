@@ -5,7 +5,7 @@
 In one run, with equal steps and seeds:
 1. accuracy — test relative L2 of PI-SC, PI-HC and PI-HC-MoE (K = 4) after training, the
    mean over three training seeds (PI-HC's error moves by half from one seed to another,
-   and with the rounding of another CPU);
+   and from one machine to another);
 2. step time of PI-HC vs PI-HC-MoE at the same total collocation points, experts as Ray
    actors on 2 workers: both trained side by side on a finer grid, step for step on one
    Ray, and the median step after the first third (a network at initialisation needs 0-2
@@ -366,7 +366,7 @@ def _probe(kind: str, path: str, env: dict[str, str], repeats: int) -> dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
+    parser.add_argument("--quick", action="store_true", help="about 15 minutes on 2 CPU cores")
     args = parser.parse_args()
     size = SIZES[args.quick]
     with tempfile.TemporaryDirectory() as root:
