@@ -17,6 +17,7 @@ incarnation ids and reported with the diagnostics.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ class InProcessExperts:
     device: str = "cpu"  # the model's: results stay there, no round trip through the host
     restarts: int = 0
     last_vjp_seconds: float = 0.0  # wall time of the latest backward through the experts
+    last_vjp_zeroed: int = 0  # problems whose implicit gradient the latest backward zeroed
     solvers: list[ExpertSolver] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +76,7 @@ class InProcessExperts:
             for s, p, w, wb in zip(self.solvers, token, omegas, omega_bars, strict=True)
         ]
         self.last_vjp_seconds = time.perf_counter() - t0
+        self.last_vjp_zeroed = zeroed(out)
         return [o["grads"] for o in out]
 
     def placement(self) -> list[dict[str, Any]]:
@@ -81,6 +84,18 @@ class InProcessExperts:
 
     def close(self) -> None:
         pass
+
+
+def gpu_share(gpus: float, num_experts: int) -> float:
+    """Each expert's fraction of a GPU: a whole one where there are enough, else
+    1 / (experts per GPU), so that the fractions fill whole GPUs. (Ray places a fraction
+    only inside one GPU: four experts of 3/4 each on three GPUs would never place.)"""
+    if gpus <= 0:
+        return 0.0
+    whole = math.floor(gpus)
+    if whole == 0:  # part of one GPU in all: the experts share it
+        return gpus / num_experts
+    return 1.0 / math.ceil(num_experts / whole)
 
 
 class RayExperts:
@@ -104,7 +119,7 @@ class RayExperts:
         resources = ray.cluster_resources()
         gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
         if gpus_per_expert is None:
-            gpus_per_expert = min(1.0, gpus / num_experts) if gpus else 0.0
+            gpus_per_expert = gpu_share(gpus, num_experts)
         if cpus_per_expert is None:
             # Leave the driver a core; share what is left when experts outnumber cores.
             cpus_per_expert = min(1.0, max(cpus - 1, 1) / num_experts)
@@ -140,6 +155,7 @@ class RayExperts:
         self.incarnations = [w["incarnation"] for w in self.placement()]
         self.restarts = 0
         self.last_vjp_seconds = 0.0
+        self.last_vjp_zeroed = 0
         self.solve_seconds = [0.0] * num_experts  # each expert's latest solve, in the actor
 
     def _note(self, results: list[dict[str, Any]]) -> None:
@@ -194,6 +210,7 @@ class RayExperts:
         results = from_wire(ray.get(calls))
         self._note(results)
         self.last_vjp_seconds = time.perf_counter() - t0
+        self.last_vjp_zeroed = zeroed(results)
         return [r["grads"] for r in results]
 
     def placement(self) -> list[dict[str, Any]]:
@@ -249,6 +266,12 @@ class ExpertActor:
             "node_id": ray.get_runtime_context().get_node_id(),
             "gpu_ids": self.gpu_ids,
         }
+
+
+def zeroed(results: list[dict[str, Any]]) -> int:
+    """How many problems of a backward got a zero gradient (H singular or not finite), summed
+    over the experts' answers."""
+    return sum(int(r["diagnostics"].get("singular", 0)) for r in results)
 
 
 def to_wire(value: Any) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,14 @@ import torch
 from actors.constraint import LMOptions
 from actors.constraint.residual import RowOuter
 from actors.expert import ExpertConfig
-from actors.experts import InProcessExperts, RayExperts, from_wire, solve_experts, to_wire
+from actors.experts import (
+    InProcessExperts,
+    RayExperts,
+    from_wire,
+    gpu_share,
+    solve_experts,
+    to_wire,
+)
 from actors.pinn import Partition, constraint_for
 from flows.runtime import start_local_ray
 
@@ -95,6 +103,59 @@ def test_ray_experts_match_in_process_and_survive_a_kill(local_ray):
         remote.close()
 
 
+def test_an_expert_killed_between_its_solve_and_its_backward_gives_the_same_gradient(local_ray):
+    """The restarted process no longer holds the solve's rows: it fetches them again from
+    the object store, and the gradient is the one an unkilled expert gives."""
+    basis, params = expert_params(seed=1)
+    remote = RayExperts(CONFIG, 4)
+    try:
+        omegas, _ = solve_experts(remote, params)
+        loss = sum((w**2).sum() for w in omegas)
+        (expected,) = torch.autograd.grad(loss, basis, retain_graph=True)
+        omegas, _ = solve_experts(remote, params)
+        before = remote.placement()[1]["pid"]
+        ray.kill(remote.actors[1], no_restart=False)
+        (got,) = torch.autograd.grad(sum((w**2).sum() for w in omegas), basis)
+        assert remote.placement()[1]["pid"] != before and remote.restarts == 1
+        torch.testing.assert_close(got, expected)
+    finally:
+        remote.close()
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_failed_solves_and_zeroed_gradients_are_counted(request, executor):
+    """A sample whose rows hold a NaN: its solve ends `nonfinite`, its implicit gradient is
+    zeroed (no NaN reaches the basis), and both are counted (the training log's lm_failures
+    and ift_zeroed)."""
+    from flows.train import _expert_metrics
+
+    if executor == "ray":
+        request.getfixturevalue("local_ray")
+    basis, params = expert_params(seed=2)
+    bad = list(params[3])
+    bad[0] = bad[0].clone()
+    bad[0][1, 0, 0] = float("nan")  # expert 3's first PDE row, sample 1
+    params[3] = tuple(bad)
+    experts = InProcessExperts(CONFIG, 4) if executor == "local" else RayExperts(CONFIG, 4)
+    try:
+        omegas, solved = solve_experts(experts, params)
+        assert [d["nonfinite"] for d in solved.diagnostics] == [0, 0, 0, 1]
+        loss = sum((w**2).sum() for w in omegas)  # the failed solve returns its last iterate
+        (grad,) = torch.autograd.grad(loss, basis, retain_graph=True)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+        assert experts.last_vjp_zeroed == 1
+        metrics = _expert_metrics(solved, 1.0, experts)
+        assert metrics["lm_failures"] == 1 and metrics["ift_zeroed"] == 1
+        # the next, clean backward resets the count
+        basis, clean = expert_params(seed=2)
+        omegas, solved = solve_experts(experts, clean)
+        torch.autograd.grad(sum((w**2).sum() for w in omegas), basis)
+        assert experts.last_vjp_zeroed == 0
+        assert _expert_metrics(solved, 1.0, experts)["lm_failures"] == 0
+    finally:
+        experts.close()
+
+
 def test_wire_format_round_trips_and_sends_no_tensor():
     """What experts send and receive: every tensor, however nested, travels as a NumPy
     array (Ray's raw buffers), and comes back equal, with its dtype, in memory of its own."""
@@ -156,6 +217,14 @@ def test_a_step_leaves_nothing_behind():
     assert kept() is None
 
 
+def test_gpu_shares_fill_whole_gpus():
+    assert gpu_share(0, 4) == 0.0
+    assert gpu_share(4, 4) == gpu_share(8, 4) == 1.0
+    assert gpu_share(4, 8) == gpu_share(3, 4) == gpu_share(4, 6) == 0.5
+    assert gpu_share(2, 5) == pytest.approx(1 / 3)
+    assert gpu_share(0.5, 2) == 0.25  # part of one GPU: shared by all
+
+
 def test_one_expert_per_gpu_across_two_nodes():
     from ray.cluster_utils import Cluster
 
@@ -176,13 +245,19 @@ def test_one_expert_per_gpu_across_two_nodes():
             assert all(w["device"] == "cpu" for w in where)  # declared GPUs, no CUDA here
         finally:
             experts.close()
-        # More experts than GPUs: equal fractions, still spread over both nodes.
-        experts = RayExperts(CONFIG, 8, cpus_per_expert=0.25)
-        try:
-            assert experts.bundle["GPU"] == 0.5
-            assert {w["node_id"] for w in experts.placement()} == {n.node_id for n in nodes}
-        finally:
-            experts.close()
+        # More experts than GPUs: equal fractions that fill whole GPUs, still spread over
+        # both nodes. Six on four GPUs share them in pairs (2/3 each would never place:
+        # Ray puts a fraction inside one GPU).
+        for count in (8, 6):
+            experts = RayExperts(CONFIG, count, cpus_per_expert=0.25)
+            try:
+                assert experts.bundle["GPU"] == 0.5
+                where = experts.placement()
+                assert {w["node_id"] for w in where} == {n.node_id for n in nodes}
+                slots = Counter((w["node_id"], tuple(w["gpu_ids"])) for w in where)
+                assert max(slots.values()) == 2 and sum(slots.values()) == count
+            finally:
+                experts.close()
     finally:
         ray.shutdown()
         cluster.shutdown()
