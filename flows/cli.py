@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import sys
 from datetime import datetime
 from typing import Annotated
@@ -151,7 +152,7 @@ def train(
     """Train a hard-constrained PDE model (PI-HC-MoE, PI-HC or PI-SC) on a data set."""
     from flows.spec import load_spec
     from flows.storage import Storage
-    from flows.train import TrainSpec
+    from flows.train import Checkpoints, TrainSpec
     from flows.train import train as run_job
 
     job = load_spec(TrainSpec, spec, set_ or [])
@@ -159,13 +160,34 @@ def train(
     try:
         with Progress(job.name, "steps", field="loss") as update:
             result = run_job(job, root, resume, update, ray_address)
-    except KeyboardInterrupt:
-        typer.echo(
-            f"interrupted: checkpoint saved; continue with: physflow train {spec} --resume",
-            err=True,
-        )
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as stop:
+        latest = Checkpoints(root, job.name).latest()
+        again = ["physflow", "train", str(spec)]
+        for item in set_ or []:
+            again += ["--set", item]
+        for flag, value in (("--storage", storage), ("--ray-address", ray_address)):
+            again += [flag, value] if value else []
+        if latest is None:
+            told = f" before the first step: nothing saved; start again with: {shlex.join(again)}"
+        else:
+            told = (
+                f": checkpoint at step {latest['step']} saved; continue with: "
+                f"{shlex.join([*again, '--resume'])}"
+            )
+        typer.echo(_stopped(stop) + told, err=True)
+        raise typer.Exit(_stop_code(stop)) from None
     _print_train(result)
+
+
+def _stopped(stop: KeyboardInterrupt) -> str:
+    from flows.runtime import Terminated
+
+    return "terminated" if isinstance(stop, Terminated) else "interrupted"
+
+
+def _stop_code(stop: KeyboardInterrupt) -> int:
+    """The shell's codes: 128 + SIGTERM (15) or SIGINT (2)."""
+    return 143 if _stopped(stop) == "terminated" else 130
 
 
 def _print_train(result) -> None:
@@ -228,9 +250,11 @@ def run_quickstart(
             Progress(f"train {job.train.name}", "steps", field="loss") as steps,
         ):
             data, result = run(job, root, pre, steps, None, workers, ray_address)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: the same command continues from the last checkpoint", err=True)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as stop:
+        typer.echo(
+            f"{_stopped(stop)}: the same command continues from the last checkpoint", err=True
+        )
+        raise typer.Exit(_stop_code(stop)) from None
     m = data.manifest
     out.print(f"data   {m.name} {m.version}: {m.rows} samples at {data.folder}")
     _print_train(result)

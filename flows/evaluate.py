@@ -28,6 +28,12 @@ def model_uri(ref: str) -> str:
     """A run id, `runs:/<id>/model` or `models:/<name>/<version|alias>` -> a model URI."""
     if re.fullmatch(r"[0-9a-f]{32}", ref):
         return f"runs:/{ref}/model"
+    name = re.fullmatch(r"models:/([^/]+)", ref)
+    if name and not re.fullmatch(r"m-[0-9a-f]{32}", name[1]):  # not a logged model's id
+        raise UserError(
+            f"model {ref!r}: name a version or an alias of the registered model: "
+            f"models:/{name[1]}/<version> (`physflow runs` lists the runs that made them)"
+        )
     if ref.startswith(("runs:/", "models:/")):
         return ref
     raise UserError(
@@ -46,7 +52,27 @@ def load_model(uri: str):
         return mlflow.pytorch.load_model(uri, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for "not there"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        run = _run_without_model(uri)
+        if run is not None:
+            raise UserError(f"model {uri}: {run} has no logged model there") from None
         raise UserError(f"model {uri}: cannot be loaded ({first[:200]})") from None
+
+
+def _run_without_model(uri: str) -> str | None:
+    """'run <id> (experiment <name>)' when `uri` is runs:/<id>/... of a run that exists,
+    else None."""
+    import mlflow
+
+    found = re.fullmatch(r"runs:/([0-9a-f]{32})/.*", uri)
+    if not found:
+        return None
+    try:
+        client = mlflow.MlflowClient()
+        run = client.get_run(found[1])
+        experiment = client.get_experiment(run.info.experiment_id).name
+    except Exception:  # noqa: BLE001 - no such run: the caller's message stands
+        return None
+    return f"run {found[1]} (experiment {experiment})"
 
 
 def evaluate_model(

@@ -28,6 +28,16 @@ class RunSpec(Spec):
             data["train"].setdefault("dataset", pre.get("name"))
         return data
 
+    @model_validator(mode="after")
+    def _same_pde(self) -> RunSpec:
+        simulated = self.preprocess.simulation
+        if self.train.pde and simulated is not None and simulated.pde != self.train.pde:
+            raise ValueError(
+                f"train.pde is {self.train.pde}, but preprocess.simulation.pde is "
+                f"{simulated.pde}: the model would be trained on another PDE's data"
+            )
+        return self
+
 
 def run(
     spec: RunSpec,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from actors.heap import HEAP_ENV
 from flows.errors import UserError
@@ -108,6 +108,30 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (a stopped cluster job, a deleted pod, `kill`), acted on where the work
+    can stop cleanly; an interrupt, as Ctrl-C is, to whoever catches it."""
+
+
+@contextlib.contextmanager
+def sigterm_requests_stop() -> Iterator[Callable[[], bool]]:
+    """While inside, SIGTERM no longer ends the process: it is noted, and the function
+    yielded says whether it came, for the work to stop at its next safe point (a training
+    step's end). Outside the main thread, where no handler can be set: never."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    came = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: came.set())
+    try:
+        yield came.is_set
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # Ray -----------------------------------------------------------------------------------

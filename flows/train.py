@@ -52,15 +52,23 @@ class ModelSpec(Spec):
             raise ValueError(f"splits {self.splits}: every entry must be at least 1")
         return self
 
-    def partition_splits(self, dims: int) -> tuple[int, ...]:
-        if self.kind == "moe":
-            if len(self.splits) != dims:
+    def partition_splits(self, grids: dict[str, Any]) -> tuple[int, ...]:
+        """The sub-domains per axis of the data set's grid (`grids`: axis -> points)."""
+        dims = len(grids)
+        if self.kind != "moe":
+            return (1,) * dims
+        if len(self.splits) != dims:
+            raise UserError(
+                f"model.splits {self.splits}: needs {dims} entries for this data set's "
+                f"grid ({', '.join(grids)})"
+            )
+        for axis, points, split in zip(grids, grids.values(), self.splits, strict=True):
+            if split > len(points):
                 raise UserError(
-                    f"model.splits {self.splits}: needs {dims} entries for this data set's "
-                    f"grid ({'t, x' if dims == 2 else 't, x, y'})"
+                    f"model.splits {self.splits}: {split} sub-domains along {axis}, which "
+                    f"has only {len(points)} points in this data set"
                 )
-            return tuple(self.splits)
-        return (1,) * dims
+        return tuple(self.splits)
 
 
 class ConstraintSpec(Spec):
@@ -114,6 +122,9 @@ class TrainSpec(Spec):
     name: str = Field(pattern=NAME_PATTERN, description="run name; checkpoints are kept under it")
     dataset: str = Field(min_length=1, description="data set name or version-folder URL")
     dataset_version: str | None = None
+    pde: Literal["diffusion-sorption", "navier-stokes"] | None = Field(
+        None, description="the PDE the data set must hold (default: whichever it holds)"
+    )
     model: ModelSpec = ModelSpec()
     constraint: ConstraintSpec = ConstraintSpec()
     training: TrainingSpec = TrainingSpec()
@@ -162,6 +173,11 @@ def open_problem(spec: TrainSpec, storage: Storage) -> Problem:
     dataset = open_dataset(spec.dataset, spec.dataset_version, storage)
     m = dataset.manifest
     pde = m.pde["name"]
+    if spec.pde is not None and spec.pde != pde:
+        raise UserError(
+            f"dataset {m.name}/{m.version} holds {pde} data, but the spec trains a "
+            f"{spec.pde} model (pde: {spec.pde}); choose a {spec.pde} data set"
+        )
     try:
         constraint = constraint_for(pde, _pde_parameters(m.pde))
     except ValueError as exc:
@@ -227,7 +243,7 @@ def build_model(spec: TrainSpec, problem: Problem):
         width=m.width,
         modes=m.modes,
         layers=m.layers,
-        splits=m.partition_splits(len(problem.grids)),
+        splits=m.partition_splits(problem.grids),
         options=options,
         collocation_points=spec.constraint.collocation_points,
     )
@@ -274,9 +290,10 @@ class Checkpoints:
         return name
 
 
-# What may change when a run is continued: its step budget, and the device (a run may
-# continue on another machine).
-RESUMABLE_CHANGES = ("training.steps", "training.device")
+# What may change when a run is continued: its step budget, the device (a run may
+# continue on another machine), and the PDE it states (it only checks the data set, which
+# may not change).
+RESUMABLE_CHANGES = ("training.steps", "training.device", "pde")
 
 
 def spec_changes(before: dict[str, Any], after: dict[str, Any], limit: int = 4) -> str:
@@ -295,12 +312,12 @@ def spec_changes(before: dict[str, Any], after: dict[str, Any], limit: int = 4) 
 
 def _resumable_digest(spec: TrainSpec) -> str:
     """Everything but `RESUMABLE_CHANGES` must match for a run to be continued. (The
-    device is left out of the data, not set to a constant, so that runs checkpointed before
-    it existed keep their digest.)"""
+    device and the PDE are left out of the data, not set to a constant, so that runs
+    checkpointed before they existed keep their digest.)"""
     data = spec.model_copy(
         update={"training": spec.training.model_copy(update={"steps": 0})}
     ).resolved()
-    del data["training"]["device"]
+    del data["training"]["device"], data["pde"]
     return digest_of(data)
 
 
@@ -355,7 +372,7 @@ def train(
     import torch
 
     from flows import tracking
-    from flows.runtime import ray_session
+    from flows.runtime import ray_session, sigterm_requests_stop
 
     storage = storage or Storage.from_env()
     t_start = time.perf_counter()
@@ -385,11 +402,16 @@ def train(
             changed = spec_changes(state.get("spec", {}), spec.resolved())
             raise UserError(
                 f"--resume: run {spec.name!r} was started from a different spec ({changed}); "
-                f"only training.steps may change when resuming"
+                f"only {', '.join(RESUMABLE_CHANGES)} may change when resuming"
+            )
+        start, run_id = state["step"], state["run_id"]
+        if start > spec.training.steps or (resume is True and start == spec.training.steps):
+            raise UserError(
+                f"--resume: run {spec.name!r} is at step {start} already; set "
+                f"training.steps above it to train on"
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start, run_id = state["step"], state["run_id"]
 
     def checkpoint(step: int, run_id: str) -> None:
         checkpoints.save(
@@ -407,6 +429,7 @@ def train(
     with (
         tracking.job_run(EXPERIMENT, spec.name, spec.resolved(), run_id=run_id) as run,
         ray_session(ray_address, enabled=use_ray),
+        sigterm_requests_stop() as stop_requested,
     ):
         run.set_tags(
             {
@@ -429,8 +452,9 @@ def train(
             run.log_json(model.executor.placement(), "experts/placement.json")
         done = {"step": start, "times": []}
         try:
-            _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress)
-        except KeyboardInterrupt:
+            _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress,
+                  stop_requested)  # fmt: skip
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM at a step's end (`Terminated`)
             run.set_tags({"interrupted_at_step": done["step"]})
             checkpoint(done["step"], run.run_id)
             raise
@@ -497,11 +521,14 @@ def learning_rate(t: TrainingSpec, step: int, base: float | None = None) -> floa
     return base * ramp * 0.5 ** (step // t.lr_halve_every)
 
 
-def _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress):
+def _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress,
+          stop_requested=lambda: False):  # fmt: skip
     """The training steps from `done["step"]`, which it keeps up to date, appending each
     step's seconds and its experts' seconds to `done["times"]`. Each step's batch and
     collocation points come from (seed, step), so a resumed or retried step sees exactly
-    what the original would have."""
+    what the original would have. Once `stop_requested()` (a SIGTERM came), it raises
+    `Terminated` at the end of the step in progress."""
+    from flows.runtime import Terminated
 
     t = spec.training
     for step in range(done["step"], t.steps):
@@ -532,6 +559,8 @@ def _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress):
             checkpoint(step + 1, run.run_id)
         if progress:
             progress(step + 1, t.steps, metrics["loss"])
+        if stop_requested() and step + 1 < t.steps:
+            raise Terminated(f"terminated after step {step + 1}")
 
 
 def _train_step(model, optimizer, train_data, t: TrainingSpec, seed: int, step: int,
@@ -568,6 +597,11 @@ def _expert_metrics(solved, step_seconds: float, executor) -> dict[str, float]:
     return {
         "lm_iterations": sum(x.get("iterations_mean", 0.0) for x in d) / n,
         "converged_share": sum(x.get("converged_fraction", 0.0) for x in d) / n,
+        # solves that stopped on a non-finite or unsolvable system (not merely at the
+        # iteration cap, which converged_share counts), and backward problems whose
+        # gradient was zeroed because H was singular: counted, never hidden
+        "lm_failures": sum(x.get("nonfinite", 0.0) + x.get("singular", 0.0) for x in d),
+        "ift_zeroed": float(getattr(executor, "last_vjp_zeroed", 0)),
         "expert_seconds": experts,
         "other_seconds": max(step_seconds - experts, 0.0),
         "expert_restarts": float(getattr(executor, "restarts", 0)),

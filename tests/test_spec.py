@@ -150,3 +150,16 @@ def test_shipped_training_configs_are_what_their_names_say():
         assert spec.model.kind == kind, path.name
         assert math.prod(spec.model.splits) == (4 if kind == "moe" else 1), path.name
         assert published.get(spec.dataset) == pdes[pde], path.name
+        assert spec.pde == pdes[pde], path.name  # and say so: another PDE's data is refused
+
+
+def test_a_run_spec_whose_training_states_another_pde_than_it_simulates_is_refused(tmp_path):
+    from flows.quickstart import RunSpec
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    text = path.read_text().replace("\n  pde: diffusion-sorption", "\n  pde: navier-stokes")
+    assert text != path.read_text()
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(UserError, match="train.pde is navier-stokes, but "
+                       "preprocess.simulation.pde is diffusion-sorption"):  # fmt: skip
+        load_spec(RunSpec, tmp_path / "run.yaml")

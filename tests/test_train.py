@@ -3,11 +3,17 @@ resume, a killed expert, evaluation, and the user mistakes."""
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -15,7 +21,15 @@ from flows.errors import UserError
 from flows.preprocess import PreprocessSpec, run_preprocess
 from flows.spec import digest_of
 from flows.storage import Storage
-from flows.train import TrainSpec, _resumable_digest, learning_rate, spec_changes, train
+from flows.tracking import tracking_uri
+from flows.train import (
+    Checkpoints,
+    TrainSpec,
+    _resumable_digest,
+    learning_rate,
+    spec_changes,
+    train,
+)
 
 runner = CliRunner()
 
@@ -125,14 +139,14 @@ def test_spec_changes_name_what_differs():
     assert spec_changes({}, many, limit=2).endswith("a.q: absent -> 1 and 4 more")
 
 
-def test_checkpoints_from_before_the_device_setting_stay_resumable():
-    # the digest a run checkpointed before `training.device` existed recorded: its spec
-    # without that key, steps set to 0
-    current = spec(training__device="cuda")
+def test_checkpoints_from_before_the_device_and_pde_settings_stay_resumable():
+    # the digest a run checkpointed before `training.device` and `pde` existed recorded:
+    # its spec without those keys, steps set to 0
+    current = spec(training__device="cuda", pde="diffusion-sorption")
     data = current.model_copy(
         update={"training": current.training.model_copy(update={"steps": 0})}
     ).resolved()
-    del data["training"]["device"]
+    del data["training"]["device"], data["pde"]
     assert _resumable_digest(current) == digest_of(data)
     assert _resumable_digest(spec(training__device="cpu")) == _resumable_digest(current)
     assert _resumable_digest(spec(training__lr=1e-2)) != _resumable_digest(current)
@@ -185,6 +199,7 @@ def test_cli_train_evaluate_and_user_errors(tiny, tmp_path):
     assert "relative L2" in scored.output and "over 2 test samples" in scored.output
     by_name = runner.invoke(app, ["evaluate", "models:/tiny/1", "--dataset", "ds-tiny"])
     assert by_name.exit_code == 0, by_name.output
+    scoring_runs = mlflow.search_runs(experiment_names=["evaluate"])["run_id"]  # no models
 
     cases = [
         (["train", str(path), "--set", "model.kind=big"], "model.kind: Input should be"),
@@ -194,7 +209,12 @@ def test_cli_train_evaluate_and_user_errors(tiny, tmp_path):
         (["train", str(path), "--set", "training.device=tpu"], "training.device: Input should"),
         (["evaluate", "nonsense", "--dataset", "ds-tiny"], "expected a run id"),
         (["evaluate", "0" * 32, "--dataset", "ds-tiny"], "cannot be loaded"),
-    ]
+        (["evaluate", "models:/tiny", "--dataset", "ds-tiny"], "models:/tiny/<version>"),
+        (["evaluate", scoring_runs[0], "--dataset", "ds-tiny"],
+         f"run {scoring_runs[0]} (experiment evaluate) has no logged model"),
+        (["train", str(path), "--resume"], "run 'tiny' is at step 6 already; set training.steps"),
+        (["train", str(path), "--resume", "--set", "training.steps=4"], "is at step 6 already"),
+    ]  # fmt: skip
     for args, message in cases:
         got = runner.invoke(app, args)
         assert got.exit_code == 2, (args, got.output)
@@ -217,8 +237,20 @@ def test_a_data_set_of_another_pde_is_refused(home, dask_address, tmp_path):
     got = runner.invoke(app, ["evaluate", trained.run_id, "--dataset", "ns-tiny"])
     assert got.exit_code == 2 and "is 'navier-stokes'; model" in got.output, got.output
     # The model kinds apply to both PDEs, but a 2-D split on a 3-D grid is a user error.
-    with pytest.raises(UserError, match="needs 3 entries"):
+    with pytest.raises(UserError, match=r"needs 3 entries for this data set's grid \(t, x, y\)"):
         train(spec(name="ns", dataset="ns-tiny"), storage)
+    # A spec that states its PDE refuses a data set of another, whatever the model.
+    for kind in ("hc", "sc", "moe"):
+        stated = spec(name="ns", dataset="ns-tiny", pde="diffusion-sorption", model__kind=kind)
+        with pytest.raises(
+            UserError, match="ns-tiny/v1 holds navier-stokes data, but the spec trains a "
+            "diffusion-sorption model"
+        ):  # fmt: skip
+            train(stated, storage)
+    # ... and takes its own (one step of PI-HC on the Navier-Stokes set).
+    own = spec(name="ns-own", dataset="ns-tiny", pde="navier-stokes", model__kind="hc",
+               training__steps=1)  # fmt: skip
+    assert train(own, storage).steps == 1
     # The interface term and the row weights are diffusion-sorption's: asking for them on
     # Navier-Stokes is refused.
     asked = spec(name="ns", dataset="ns-tiny", constraint__interface_weight=0.5)
@@ -227,6 +259,48 @@ def test_a_data_set_of_another_pde_is_refused(home, dask_address, tmp_path):
     asked = spec(name="ns", dataset="ns-tiny", constraint__balance_rows=False)
     with pytest.raises(UserError, match="constraint.balance_rows: a navier-stokes model has no"):
         train(asked, storage)
+
+
+def test_sigterm_stops_at_a_step_end_with_a_checkpoint_and_resume_continues(tiny, tmp_path):
+    """A stopped cluster job or a deleted pod gets SIGTERM: the step in progress finishes,
+    a checkpoint of it is saved, the run is marked, the command exits 143, and --resume
+    continues from that step."""
+    endless = spec(training__steps=100_000, training__checkpoint_every=5)
+    path = tmp_path / "endless.yaml"
+    path.write_text(yaml.safe_dump(endless.resolved()))
+    command = [sys.executable, "-m", "flows.cli", "train", str(path), "--set", "training.seed=0"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    latest = Path(Checkpoints(tiny, "tiny").folder.url) / "latest.json"
+    deadline = time.monotonic() + 120
+    while not latest.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint within 2 minutes"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    step = json.loads(latest.read_text())["step"]
+    told = f"terminated: checkpoint at step {step} saved; continue with: physflow train {path}"
+    assert f"{told} --set training.seed=0 --resume\n" in stderr, (
+        stderr
+    )  # the command, as it was given
+    assert "Traceback" not in stderr
+    assert 5 <= step < 100_000
+    mlflow.set_tracking_uri(tracking_uri())  # the store the subprocess wrote to
+    run = mlflow.get_run(json.loads(latest.read_text())["run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["interrupted_at_step"] == str(step)
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+    assert max(m.step for m in history) == step  # the step it stopped after was finished
+    more = train(spec(training__steps=step + 2, training__checkpoint_every=5), tiny, resume=True)
+    assert more.resumed_from == step and more.run_id == run.info.run_id
+
+
+def test_more_sub_domains_than_grid_points_is_a_user_error(tiny):
+    nx = DATA["simulation"]["nx"]
+    with pytest.raises(UserError, match=rf"model.splits \[1, {nx + 1}\]: {nx + 1} sub-domains "
+                       rf"along x, which has only {nx} points"):  # fmt: skip
+        train(spec(model__splits=[1, nx + 1]), tiny)
+    assert Checkpoints(tiny, "tiny").latest() is None  # nothing written
 
 
 def test_cli_run_preprocesses_trains_registers_and_says_where_to_look(home):
