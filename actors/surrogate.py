@@ -7,6 +7,7 @@ run wherever `executor` says (Ray actors during training, this process by defaul
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -140,6 +141,33 @@ class PDESurrogate(nn.Module):
         grid would need gigabytes of rows per sample)."""
         u, _ = self.step(initial, torch.Generator().manual_seed(0))
         return u
+
+    def on_grids(self, grids: dict[str, torch.Tensor]) -> PDESurrogate:
+        """A copy of this model on other grids of its domain, e.g. a finer one (the Navier-
+        Stokes test of the paper: trained on 64², scored on 256²). The weights are the
+        same: the FNO's spectral layers keep Fourier modes, not grid points, and its other
+        layers act pointwise; the sub-domains are the same splits of the new grid."""
+        if list(grids) != self.axes:
+            raise ValueError(f"grids must have the axes {self.axes}, got {list(grids)}")
+        shape = tuple(len(g) for g in grids.values())
+        trained, now = (self.network.fno.kept_modes(s) for s in (self.partition.grid_shape, shape))
+        for axis, n, a, b in zip(self.axes, shape, trained, now, strict=True):
+            if a != b:  # modes the training grid did not resolve: weights never trained
+                raise ValueError(
+                    f"axis {axis} of {n} points: the network would act on {b} Fourier modes "
+                    f"there, but was trained on {a} (its training grid had "
+                    f"{self.partition.grid_shape[self.axes.index(axis)]} points)"
+                )
+        partition = Partition(shape, self.partition.splits)
+        executor, self.executor = self.executor, None
+        try:
+            clone = copy.deepcopy(self)
+        finally:
+            self.executor = executor
+        for axis, grid in grids.items():
+            clone.register_buffer(f"grid_{axis}", grid.to(self.device, torch.float64))
+        clone.partition = partition
+        return clone
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -75,6 +75,39 @@ def _run_without_model(uri: str) -> str | None:
     return f"run {found[1]} (experiment {experiment})"
 
 
+def _on_grids_of(model, uri: str, m, field: str):
+    """`model` on the data set's grids, refused unless they cover its domain: the same axes,
+    the same end time, each space axis as long (within a cell: cell centres move with the
+    resolution). Another resolution is fine where the network resolves the same Fourier
+    modes on it (`PDESurrogate.on_grids`); the model's own grids leave it as it is."""
+    import torch
+
+    axes = list(m.fields[field].axes)
+    where = f"dataset {m.name}/{m.version}"
+    if axes != model.axes:
+        raise UserError(f"{where}: axes {axes}, model {uri} has {model.axes}")
+    grids = {a: torch.tensor(m.grids[a], dtype=torch.float64) for a in axes}
+    for axis in axes:
+        mine, theirs = model.grids[axis], grids[axis]
+        ends = (float(mine[0]), float(mine[-1])), (float(theirs[0]), float(theirs[-1]))
+        spacing = float(mine[1] - mine[0]) if len(mine) > 1 else 1.0
+        if axis == "t" and abs(ends[0][1] - ends[1][1]) > 1e-9 * max(1.0, abs(ends[0][1])):
+            raise UserError(
+                f"{where}: t ends at {ends[1][1]:g}, model {uri} was trained to {ends[0][1]:g}"
+            )
+        # cell centres move with the resolution; the domain's ends stay within a cell
+        if axis != "t" and abs((ends[0][1] - ends[0][0]) - (ends[1][1] - ends[1][0])) > spacing:
+            raise UserError(
+                f"{where}: {axis} spans {ends[1]}, model {uri} was trained on {ends[0]}"
+            )
+    if tuple(len(g) for g in grids.values()) == tuple(model.partition.grid_shape):
+        return model
+    try:
+        return model.on_grids(grids)
+    except ValueError as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
 def evaluate_model(
     ref: str,
     dataset: str,
@@ -95,12 +128,7 @@ def evaluate_model(
         raise UserError(
             f"dataset {m.name}/{m.version} is {m.pde['name']!r}; model {uri} solves {model.pde!r}"
         )
-    shape = tuple(m.fields[field].shape)
-    if shape != tuple(model.partition.grid_shape):
-        raise UserError(
-            f"dataset {m.name}/{m.version}: grid {shape} differs from the model's "
-            f"{tuple(model.partition.grid_shape)}"
-        )
+    model = _on_grids_of(model, uri, m, field)
     errors, _ = evaluate(model, data, field, batch_size, limit)
     errors = errors[:limit] if limit else errors
     spec = {"model": uri, "dataset": f"{m.name}/{m.version}", "limit": limit}

@@ -13,10 +13,12 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
+from flows.datasets import open_dataset
 from flows.errors import UserError
 from flows.preprocess import PreprocessSpec, run_preprocess
 from flows.spec import digest_of
@@ -293,6 +295,53 @@ def test_sigterm_stops_at_a_step_end_with_a_checkpoint_and_resume_continues(tiny
     assert max(m.step for m in history) == step  # the step it stopped after was finished
     more = train(spec(training__steps=step + 2, training__checkpoint_every=5), tiny, resume=True)
     assert more.resumed_from == step and more.run_id == run.info.run_id
+
+
+def test_a_model_is_scored_on_a_finer_grid_of_its_domain(tiny, dask_address):
+    """The paper scores Navier-Stokes models trained on 64² on 256²: `evaluate` puts a model
+    on a data set's other grid of the same domain (the same weights, the same splits)."""
+    from flows.evaluate import load_model
+
+    simulation = DATA["simulation"]
+    for name, change in (("ds-fine", {"nx": 64}), ("ds-short", {"t_end": 250.0})):
+        other = {**DATA, "name": name, "simulation": {**simulation, **change}}
+        run_preprocess(PreprocessSpec.model_validate(other), tiny, dask_address=dask_address)
+    trained = train(spec(), tiny)
+    model = load_model(trained.model_uri)
+    initial = torch.from_numpy(open_dataset("ds-tiny", storage=tiny).arrays("test")["u"][:, 0])
+    same = model.on_grids(model.grids)
+    assert same is not model and same.partition == model.partition
+    torch.testing.assert_close(same(initial), model(initial), rtol=0, atol=0)
+
+    scored = runner.invoke(app, ["evaluate", trained.run_id, "--dataset", "ds-fine"])
+    assert scored.exit_code == 0, scored.output
+    assert "over 2 test samples" in scored.output
+    fine = model.on_grids(
+        {"t": model.grids["t"], "x": (torch.arange(64, dtype=torch.float64) + 0.5) / 64}
+    )
+    assert fine.partition.grid_shape == (9, 64) and fine.partition.splits == (1, 2)
+    assert fine(initial.repeat_interleave(2, dim=-1)).shape == (len(initial), 9, 64)
+    refused = runner.invoke(app, ["evaluate", trained.run_id, "--dataset", "ds-short"])
+    assert refused.exit_code == 2
+    assert "ds-short/v1: t ends at 250, model runs:/" in refused.output, refused.output
+
+
+def test_a_model_is_not_put_on_a_grid_that_resolves_modes_it_never_trained():
+    from actors.constraint import LMOptions
+    from actors.surrogate import PDESurrogate
+
+    def cells(n):
+        return (torch.arange(n, dtype=torch.float64) + 0.5) / n
+
+    t = torch.linspace(0, 500, 9, dtype=torch.float64)
+    model = PDESurrogate("moe", "diffusion-sorption", {"t_end": 500.0, "ridge": 1e-4},
+                         {"t": t, "x": cells(8)}, basis=4, width=8, modes=8, layers=1,
+                         splits=(1, 2), options=LMOptions(), collocation_points=20)  # fmt: skip
+    with pytest.raises(ValueError, match="axis x of 32 points: the network would act on 8 "
+                       "Fourier modes there, but was trained on 7"):  # fmt: skip
+        model.on_grids({"t": t, "x": cells(32)})
+    # 7 points, padded by 6 as 8 were: 7 modes resolved again
+    assert model.on_grids({"t": t, "x": cells(7)}).partition.grid_shape == (9, 7)
 
 
 def test_more_sub_domains_than_grid_points_is_a_user_error(tiny):
