@@ -132,7 +132,8 @@ def evaluate_model(
     errors, _ = evaluate(model, data, field, batch_size, limit)
     errors = errors[:limit] if limit else errors
     spec = {"model": uri, "dataset": f"{m.name}/{m.version}", "limit": limit}
-    with tracking.job_run(EXPERIMENT, f"{m.name}-{m.version}", spec) as run:
+    label = re.sub(r"^runs:/([0-9a-f]{8})[0-9a-f]{24}/model$", r"\1", uri)  # a run: its id
+    with tracking.job_run(EXPERIMENT, f"{label} on {m.name}/{m.version}", spec) as run:
         run.log_metrics(
             {
                 "test_rel_l2_mean": float(np.mean(errors)),

@@ -201,7 +201,10 @@ def test_cli_train_evaluate_and_user_errors(tiny, tmp_path):
     assert "relative L2" in scored.output and "over 2 test samples" in scored.output
     by_name = runner.invoke(app, ["evaluate", "models:/tiny/1", "--dataset", "ds-tiny"])
     assert by_name.exit_code == 0, by_name.output
-    scoring_runs = mlflow.search_runs(experiment_names=["evaluate"])["run_id"]  # no models
+    scoring = mlflow.search_runs(experiment_names=["evaluate"])  # runs without a model
+    assert set(scoring["tags.mlflow.runName"]) == {f"{run_id[:8]} on ds-tiny/v1",
+                                                   "models:/tiny/1 on ds-tiny/v1"}  # fmt: skip
+    scoring_runs = scoring["run_id"]
 
     cases = [
         (["train", str(path), "--set", "model.kind=big"], "model.kind: Input should be"),
