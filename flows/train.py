@@ -407,8 +407,8 @@ def train(
         start, run_id = state["step"], state["run_id"]
         if start > spec.training.steps or (resume is True and start == spec.training.steps):
             raise UserError(
-                f"--resume: run {spec.name!r} is at step {start} already; set "
-                f"training.steps above it to train on"
+                f"{'--resume: ' if resume is True else ''}run {spec.name!r} is at step "
+                f"{start} already; set training.steps above it to train on"
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
