@@ -104,11 +104,26 @@ def test_each_kind_trains_logs_and_registers(tiny, kind):
         assert run.data.metrics["expert_share"] == pytest.approx(result.expert_share)
     names = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"prediction.png", "spec.yaml"} <= names
+    from matplotlib.image import imread
+
+    png = imread(mlflow.artifacts.download_artifacts(f"runs:/{result.run_id}/prediction.png"))
+    assert png.shape[1] > 2.5 * png.shape[0]  # prediction, truth and error side by side
+    assert png[..., :3].std() > 0.05  # drawn, not blank
     versions = client.search_model_versions(f"name='tiny-{kind}'")
     assert [v.run_id for v in versions] == [result.run_id]
     assert result.registered == f"tiny-{kind}"
     model = mlflow.pytorch.load_model(result.model_uri)
     assert model.kind == kind
+    # its signature: the initial values in, u on the whole grid out; and an input example
+    # that the logged model maps to an output of that signature
+    info = mlflow.models.get_model_info(result.model_uri)
+    (given,), (made,) = info.signature.inputs.inputs, info.signature.outputs.inputs
+    assert given.shape == (-1, DATA["simulation"]["nx"]) and given.type.name == "float32"
+    assert made.shape == (-1, DATA["simulation"]["nt"], DATA["simulation"]["nx"])
+    example = mlflow.models.Model.load(result.model_uri).load_input_example(
+        mlflow.artifacts.download_artifacts(result.model_uri)
+    )
+    assert tuple(model(torch.from_numpy(example)).shape) == (len(example), *made.shape[1:])
 
 
 def test_resume_continues_from_the_checkpoint(tiny):
