@@ -1,0 +1,55 @@
+"""`benchmarks.gpu`, the torch-only benchmark for machines with a GPU, checked at its tiny
+size on the CPU: it trains both kinds, and what it reports is consistent with itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import gpu
+
+
+def test_tiny_run_reports_consistent_figures(capsys):
+    result = gpu.main(["--tiny", "--steps", "6", "--device", "cpu"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == result and result["device"] == "cpu"
+    # from the unrounded times; the printed ones are rounded to 0.1 ms
+    assert result["step_speedup_moe_vs_hc"] == pytest.approx(
+        result["step_s_hc"] / result["step_s_moe"], rel=2e-2
+    )
+    for kind in ("hc", "moe"):
+        assert 0 < result[f"overhead_fraction_{kind}"] < 1  # the experts did part of it
+        assert result[f"lm_iterations_{kind}"] >= 0
+
+
+def test_the_experts_timed_in_step_are_the_in_process_ones():
+    """The timing wrapper changes nothing: the same loss and gradients as the model's own
+    in-process experts."""
+    grads = []
+    for wrap in (True, False):
+        torch.manual_seed(0)
+        model = gpu.build("moe", gpu.TINY, "cpu")
+        if not wrap:
+            model.executor = model.executor.inner
+        initial = torch.full((2, gpu.TINY["nx"]), 0.1)
+        loss, _, _ = model.loss(initial, torch.Generator().manual_seed(1))
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        if wrap:
+            assert model.executor.seconds > 0
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--steps", "2"], "--steps: at least 3"), (["--device", "cuda"], "torch sees no GPU")],
+)
+def test_mistakes_are_one_line(args, message, capsys):
+    if args[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as stop:
+        gpu.main(["--tiny", *args])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
