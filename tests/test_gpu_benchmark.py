@@ -53,3 +53,17 @@ def test_mistakes_are_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as stop:
         gpu.main(["--tiny", *args])
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_it_needs_nothing_but_torch_and_numpy():
+    """GPU machines lent for a short check have torch, not the services' clients."""
+    import subprocess
+    import sys
+
+    check = (
+        "import sys, benchmarks.gpu; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'ray', 'mlflow', 'dask', 'distributed', 'pydantic', 's3fs', 'pyarrow', 'yaml'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
