@@ -192,7 +192,13 @@ def _stop_code(stop: KeyboardInterrupt) -> int:
 
 def _print_train(result) -> None:
     resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
-    out.print(f"trained {result.steps} steps{resumed} in {result.seconds:.1f} s")
+    if result.resumed_from == result.steps:  # `physflow run` again on a finished run
+        out.print(
+            f"already trained {result.steps} steps: scored again in {result.seconds:.1f} s, "
+            f"the model unchanged"
+        )
+    else:
+        out.print(f"trained {result.steps} steps{resumed} in {result.seconds:.1f} s")
     out.print(f"  test relative L2  {result.rel_l2_mean:.2%} ± {result.rel_l2_std:.2%}")
     if result.step_seconds is not None:
         share = "" if result.expert_share is None else f", {result.expert_share:.0%} in the experts"

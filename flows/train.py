@@ -474,8 +474,13 @@ def train(
         from flows import plots
 
         run.log_figure(plots.prediction(first[0][0], first[1][0], problem), "prediction.png")
-        # logged from the CPU: a model saved with CUDA tensors needs a GPU to be unpickled
-        model_uri, registered = _log_model(run, model.cpu(), problem, spec)
+        # nothing trained in this call (`physflow run` again on a finished run): the
+        # run's model stands, and no identical version is registered
+        kept = _logged_model(run.run_id) if latest is not None and done["step"] == start else None
+        if kept is not None:
+            model_uri, registered = kept, spec.register_as or spec.name
+        else:  # logged from the CPU: a model saved with CUDA tensors needs a GPU to unpickle
+            model_uri, registered = _log_model(run, model.cpu(), problem, spec)
     return TrainResult(
         run_id=run.run_id,
         steps=spec.training.steps,
@@ -606,6 +611,20 @@ def _expert_metrics(solved, step_seconds: float, executor) -> dict[str, float]:
         "other_seconds": max(step_seconds - experts, 0.0),
         "expert_restarts": float(getattr(executor, "restarts", 0)),
     }
+
+
+def _logged_model(run_id: str) -> str | None:
+    """The URI of the model a run logged last (models:/m-...), or None."""
+    import mlflow
+
+    experiment = mlflow.get_run(run_id).info.experiment_id
+    found = mlflow.search_logged_models(
+        experiment_ids=[experiment],
+        filter_string=f"source_run_id = '{run_id}'",
+        order_by=[{"field_name": "creation_time", "ascending": True}],
+        output_format="list",
+    )
+    return f"models:/{found[-1].model_id}" if found else None
 
 
 def _log_model(run, model, problem: Problem, spec: TrainSpec) -> tuple[str | None, str | None]:

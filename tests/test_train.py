@@ -393,6 +393,17 @@ def test_cli_run_preprocesses_trains_registers_and_says_where_to_look(home):
         "browse  make ui",
     ):
         assert line in got.output, (line, got.output)
+    # again: the finished run is scored again, and no identical model version registered
+    again = runner.invoke(app, ["run", str(config), *sets, "--workers", "1"])
+    assert again.exit_code == 0, again.output
+    assert "already trained 3 steps: scored again" in again.output
+    models = [
+        [line for line in out.splitlines() if line.strip().startswith("model ")]
+        for out in (got.output, again.output)
+    ]
+    assert models[0] == models[1] and len(models[0]) == 1  # the same logged model
+    versions = mlflow.MlflowClient().search_model_versions("name='quickstart-moe'")
+    assert len(versions) == 1
 
     if torch.cuda.is_available():
         return
