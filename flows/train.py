@@ -425,7 +425,10 @@ def train(
             }
         )
 
-    use_ray = spec.experts.executor == "ray" and model.num_experts > 0
+    # no Ray for a run with nothing left to train: it is only scored again, in-process
+    use_ray = (
+        spec.experts.executor == "ray" and model.num_experts > 0 and start < spec.training.steps
+    )
     with (
         tracking.job_run(EXPERIMENT, spec.name, spec.resolved(), run_id=run_id) as run,
         ray_session(ray_address, enabled=use_ray),
