@@ -159,11 +159,7 @@ class PDESurrogate(nn.Module):
                     f"{self.partition.grid_shape[self.axes.index(axis)]} points)"
                 )
         partition = Partition(shape, self.partition.splits)
-        executor, self.executor = self.executor, None
-        try:
-            clone = copy.deepcopy(self)
-        finally:
-            self.executor = executor
+        clone = copy.deepcopy(self)  # without the executor (`__getstate__`)
         for axis, grid in grids.items():
             clone.register_buffer(f"grid_{axis}", grid.to(self.device, torch.float64))
         clone.partition = partition

@@ -366,7 +366,7 @@ def _probe(kind: str, path: str, env: dict[str, str], repeats: int) -> dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="about 15 minutes on 2 CPU cores")
+    parser.add_argument("--quick", action="store_true", help="15-25 minutes on 2 CPU cores")
     args = parser.parse_args()
     size = SIZES[args.quick]
     with tempfile.TemporaryDirectory() as root:

@@ -311,13 +311,18 @@ def spec_changes(before: dict[str, Any], after: dict[str, Any], limit: int = 4) 
 
 
 def _resumable_digest(spec: TrainSpec) -> str:
-    """Everything but `RESUMABLE_CHANGES` must match for a run to be continued. (The
-    device and the PDE are left out of the data, not set to a constant, so that runs
-    checkpointed before they existed keep their digest.)"""
-    data = spec.model_copy(
-        update={"training": spec.training.model_copy(update={"steps": 0})}
-    ).resolved()
-    del data["training"]["device"], data["pde"]
+    """Everything but `RESUMABLE_CHANGES` must match for a run to be continued. (The steps
+    are set to 0 and the other keys left out, not set to a constant, as digests were
+    first taken: runs checkpointed before a key existed keep their digest.)"""
+    data = spec.resolved()
+    data["training"]["steps"] = 0
+    for key in RESUMABLE_CHANGES:
+        if key != "training.steps":
+            *path, leaf = key.split(".")
+            node = data
+            for part in path:
+                node = node[part]
+            del node[leaf]
     return digest_of(data)
 
 
