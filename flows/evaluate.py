@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,9 +46,11 @@ def model_uri(ref: str) -> str:
 def load_model(uri: str):
     import mlflow
 
+    import actors.surrogate  # noqa: F401 - this physflow's code, not the copy a model carries
     from flows.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
+    path = list(sys.path)
     try:
         return mlflow.pytorch.load_model(uri, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for "not there"
@@ -56,6 +59,8 @@ def load_model(uri: str):
         if run is not None:
             raise UserError(f"model {uri}: {run} has no logged model there") from None
         raise UserError(f"model {uri}: cannot be loaded ({first[:200]})") from None
+    finally:
+        sys.path[:] = path  # MLflow puts the model's code first on it, for good
 
 
 def _run_without_model(uri: str) -> str | None:

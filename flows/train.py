@@ -22,11 +22,13 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
+import actors
 from actors import heap
 from flows.datasets import NAME_PATTERN, Dataset, open_dataset
 from flows.errors import UserError
@@ -655,11 +657,25 @@ def _log_model(run, model, problem: Problem, spec: TrainSpec) -> tuple[str | Non
         signature=signature,
         input_example=initial.numpy(),
         registered_model_name=name,
-        pip_requirements=["physflow", "torch"],
+        # The model carries the code it unpickles into (the `actors` package: torch, numpy
+        # and scipy only), so it loads and serves without physflow installed.
+        code_paths=[str(Path(actors.__file__).parent)],
+        pip_requirements=model_requirements(),
         # The LM solve inside forward cannot be traced by torch.export: keep the module.
         serialization_format="pickle",
     )
     return info.model_uri, name
+
+
+def model_requirements() -> list[str]:
+    """What a logged model needs besides its own code: the versions it was trained with
+    (torch's local build tag, such as +cpu, left out: any build of that version loads it)."""
+    from importlib.metadata import version
+
+    return [f"{package}=={version(package).split('+')[0]}" for package in MODEL_PACKAGES]
+
+
+MODEL_PACKAGES = ("torch", "numpy", "scipy")
 
 
 # One step at a time: the `pde` trainable of population-based training ---------------------

@@ -4,6 +4,7 @@ resume, a killed expert, evaluation, and the user mistakes."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import scipy
 import torch
 import yaml
 from typer.testing import CliRunner
@@ -124,6 +126,50 @@ def test_each_kind_trains_logs_and_registers(tiny, kind):
         mlflow.artifacts.download_artifacts(result.model_uri)
     )
     assert tuple(model(torch.from_numpy(example)).shape) == (len(example), *made.shape[1:])
+
+
+# Run in a fresh Python whose physflow is out of reach: no editable-install finder, no
+# source folder on the path. The model must bring its own code.
+WITHOUT_PHYSFLOW = """
+import importlib.util, json, sys
+import numpy as np
+sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path = [p for p in sys.path if p not in ("", {root!r})]
+assert importlib.util.find_spec("actors") is None and importlib.util.find_spec("flows") is None
+import mlflow
+initial = np.load(sys.argv[1])
+served = mlflow.pyfunc.load_model({uri!r}).predict(initial)
+import actors
+np.save(sys.argv[2], served)
+print(json.dumps({{"actors": actors.__file__, "physflow": "flows" in sys.modules}}))
+"""
+
+
+def test_a_logged_model_loads_and_predicts_where_physflow_is_not_installed(tiny, tmp_path):
+    result = train(spec(name="portable"), tiny)
+    info = mlflow.models.get_model_info(result.model_uri)
+    local = Path(mlflow.artifacts.download_artifacts(result.model_uri))
+    requirements = (local / "requirements.txt").read_text().split()  # MLflow adds its own
+    versions = {"mlflow": mlflow, "torch": torch, "numpy": np, "scipy": scipy}
+    assert requirements == [f"{k}=={m.__version__.split('+')[0]}" for k, m in versions.items()]
+    assert (local / "code" / "actors" / "surrogate.py").is_file() and info.flavors["pytorch"]
+    initial = open_dataset("ds-tiny", storage=tiny).arrays("test")["u"][:2, 0].astype(np.float32)
+    np.save(tmp_path / "initial.npy", initial)
+    root = str(Path(__file__).resolve().parents[1])
+    script = WITHOUT_PHYSFLOW.format(root=root, uri=result.model_uri)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "initial.npy"), str(tmp_path / "u.npy")],
+        cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri()},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    where = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not where["physflow"] and not where["actors"].startswith(root)  # the model's copy
+    model = mlflow.pytorch.load_model(result.model_uri)
+    with torch.no_grad():
+        here = model(torch.from_numpy(initial)).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "u.npy"), here, rtol=0, atol=1e-12)
+    assert here.shape == (2, DATA["simulation"]["nt"], DATA["simulation"]["nx"])
 
 
 def test_resume_continues_from_the_checkpoint(tiny):
