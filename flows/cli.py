@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import functools
 import json
-import shlex
 import sys
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.cli_group import Progress, RayAddressOption, SetOption, SpecPath, StorageOption
+from flows.cli_group import (
+    Progress,
+    RayAddressOption,
+    SetOption,
+    SpecPath,
+    StorageOption,
+    continue_with,
+)
 from flows.errors import PhysflowError
 
 app = typer.Typer(
@@ -162,21 +169,29 @@ def train(
             result = run_job(job, root, resume, update, ray_address)
     except KeyboardInterrupt as stop:
         latest = Checkpoints(root, job.name).latest()
-        again = ["physflow", "train", str(spec)]
-        for item in set_ or []:
-            again += ["--set", item]
-        for flag, value in (("--storage", storage), ("--ray-address", ray_address)):
-            again += [flag, value] if value else []
+        again = _as_typed("train", spec, set_, storage, ray_address)
         if latest is None:
-            told = f" before the first step: nothing saved; start again with: {shlex.join(again)}"
+            told = (
+                f" before the first step: nothing saved; start again with: {continue_with(again)}"
+            )
         else:
             told = (
                 f": checkpoint at step {latest['step']} saved; continue with: "
-                f"{shlex.join([*again, '--resume'])}"
+                f"{continue_with(again, ['--resume'])}"
             )
         typer.echo(_stopped(stop) + told, err=True)
         raise typer.Exit(_stop_code(stop)) from None
     _print_train(result)
+
+
+def _as_typed(command: str, spec, set_, storage, ray_address) -> list[str]:
+    """`physflow <command> SPEC` with the options that decide what it continues."""
+    typed = ["physflow", command, str(spec)]
+    for item in set_ or []:
+        typed += ["--set", item]
+    for flag, value in (("--storage", storage), ("--ray-address", ray_address)):
+        typed += [flag, value] if value else []
+    return typed
 
 
 def _stopped(stop: KeyboardInterrupt) -> str:
@@ -257,14 +272,22 @@ def run_quickstart(
         ):
             data, result = run(job, root, pre, steps, None, workers, ray_address)
     except KeyboardInterrupt as stop:
-        typer.echo(
-            f"{_stopped(stop)}: the same command continues from the last checkpoint", err=True
-        )
+        again = continue_with(_as_typed("run", spec, set_, storage, ray_address))
+        typer.echo(f"{_stopped(stop)}: {again} continues from the last checkpoint", err=True)
         raise typer.Exit(_stop_code(stop)) from None
     m = data.manifest
     out.print(f"data   {m.name} {m.version}: {m.rows} samples at {data.folder}")
     _print_train(result)
-    out.print(f"browse  make ui  (MLflow at {tracking.tracking_uri()})")
+    out.print(f"browse  {browse_hint(tracking.tracking_uri())}")
+
+
+def browse_hint(uri: str) -> str:
+    """Where to look at the runs: `make ui` serves the project's own embedded store only."""
+    if not uri.startswith("sqlite:///"):
+        return f"{uri}  (MLflow; or physflow runs)"
+    if uri == f"sqlite:///{Path('.physflow/mlflow.db').absolute()}":
+        return "make ui  (MLflow at http://127.0.0.1:5000; or physflow runs)"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1  (or physflow runs)"
 
 
 @datasets_app.callback(invoke_without_command=True)
@@ -360,21 +383,25 @@ def datasets_show(
 @app.command()
 @reports_errors
 def runs(
-    experiment: Annotated[str, typer.Option("--experiment", "-e", help="MLflow experiment")] = (
-        "preprocess"
-    ),
+    experiment: Annotated[
+        str | None,
+        typer.Option(
+            "--experiment", "-e", help="MLflow experiment: train, evaluate, preprocess, nas, ..."
+        ),
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="most recent runs to show")] = 20,
 ) -> None:
-    """List an experiment's runs: name, status, start, duration, key metrics."""
+    """List the latest runs (of one experiment with -e: with its key metrics)."""
     from flows import tracking
 
     rows = tracking.list_runs(experiment, limit)
     if not rows:
-        out.print(f"no runs in experiment {experiment!r}")
+        out.print(f"no runs in experiment {experiment!r}" if experiment else "no runs yet")
         return
-    # PBT experiments are named after their spec (pbt-toy, pbt-ds-moe, ...)
-    family = KEY_METRICS.get(experiment) or KEY_METRICS.get(experiment.split("-")[0], [])
-    keys = _metric_columns(rows, family)
+    if experiment is None:
+        _print_all_runs(rows, tracking.tracking_uri())
+        return
+    keys = _metric_columns(rows, _key_metrics(experiment))
     table = Table(
         "run",
         "name",
@@ -395,6 +422,29 @@ def runs(
             f"{r.duration_s:.1f} s" if r.duration_s is not None else "-",
             *(f"{r.metrics[k]:.4g}" if k in r.metrics else "-" for k in keys),
         )
+    out.print(table)
+
+
+def _key_metrics(experiment: str) -> list[str]:
+    # PBT experiments are named after their spec (pbt-toy, pbt-ds-moe, ...)
+    return KEY_METRICS.get(experiment) or KEY_METRICS.get(experiment.split("-")[0], [])
+
+
+def _print_all_runs(rows, uri: str) -> None:
+    """Every experiment's latest runs, each with its experiment's first key metric."""
+    table = Table(
+        "run", "experiment", "name", "status", "start", "duration", "key metric",
+        title=f"latest runs — {uri} (one experiment's, with its metrics: -e NAME)",
+        title_justify="left",
+    )  # fmt: skip
+    for r in rows:
+        start = datetime.fromtimestamp(r.start).strftime("%Y-%m-%d %H:%M:%S") if r.start else "-"
+        key = next((k for k in _key_metrics(r.experiment) if k in r.metrics), None)
+        table.add_row(
+            r.run_id[:8], r.experiment, r.name, r.status, start,
+            f"{r.duration_s:.1f} s" if r.duration_s is not None else "-",
+            f"{key} {r.metrics[key]:.4g}" if key else "-",
+        )  # fmt: skip
     out.print(table)
 
 

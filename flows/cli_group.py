@@ -10,6 +10,8 @@ is taken as the spec of the group's `run` command.
 
 from __future__ import annotations
 
+import os
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +31,24 @@ RayAddressOption = Annotated[
     str | None,
     typer.Option(help="Ray cluster [env: RAY_ADDRESS; default: Ray started on this machine]"),
 ]
+
+
+def sets(items: list[str] | None) -> list[str]:
+    """--set options as typed."""
+    return [x for item in items or [] for x in ("--set", item)]
+
+
+def continue_with(command: list[str], options: list[str] = ()) -> str:
+    """The command that continues a stopped job: `command` + `options` as typed here; in a
+    job on a Ray cluster (which `physflow submit` started), its submission again, under a
+    new id, the options passed on to the job."""
+    if not os.environ.get("PHYSFLOW_SUBMISSION_ID"):
+        return shlex.join([*command, *options])
+    tail = ["--", *options] if options else []
+    return (
+        f"physflow submit SPEC {' '.join(['--submission-id', 'NEW-ID', *tail])} "
+        f"(SPEC: the spec submitted, with the same --set)"
+    )
 
 
 class SpecOrCommand(TyperGroup):

@@ -21,6 +21,8 @@ from flows.cli_group import (
     SpecOrCommand,
     SpecPath,
     StorageOption,
+    continue_with,
+    sets,
 )
 
 
@@ -60,8 +62,8 @@ def register(app, reports_errors, out, err) -> None:
                 result = run_nas(job, root, resume, searching, training, ray_address)
         except KeyboardInterrupt:
             typer.echo(
-                f"interrupted: every finished validation is kept; continue with: "
-                f"physflow nas {spec} --resume",
+                "interrupted: every finished validation is kept; continue with: "
+                + continue_with(["physflow", "nas", str(spec), *sets(set_)], ["--resume"]),
                 err=True,
             )
             raise typer.Exit(130) from None

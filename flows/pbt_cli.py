@@ -20,6 +20,8 @@ from flows.cli_group import (
     SpecOrCommand,
     SpecPath,
     StorageOption,
+    continue_with,
+    sets,
 )
 
 
@@ -57,8 +59,8 @@ def register(app, reports_errors, out, err) -> None:
                 result = run_pbt(job, root, resume, update, ray_address)
         except KeyboardInterrupt:
             typer.echo(
-                f"interrupted: the search state is kept; continue with: "
-                f"physflow pbt {spec} --resume",
+                "interrupted: the search state is kept; continue with: "
+                + continue_with(["physflow", "pbt", str(spec), *sets(set_)], ["--resume"]),
                 err=True,
             )
             raise typer.Exit(130) from None

@@ -32,6 +32,7 @@ import hashlib
 import importlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -102,6 +103,11 @@ class Submission:
         return shlex.join(["physflow", self.job, spec_path, *self.args])
 
 
+# Ray keeps a job's log in a file named after its id: a '/' or a space there leaves the
+# job pending for good, and no command could name it.
+SUBMISSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 def prepare(
     spec_path: str | Path,
     overrides: list[str] = (),
@@ -121,6 +127,11 @@ def prepare(
     job_env = {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)}
     job_env.update(explicit)
     default_id = f"physflow-{job}-{_slug(name)}-{_digest(spec_digest + code_digest)[:10]}"
+    if submission_id is not None and not SUBMISSION_ID.fullmatch(submission_id):
+        raise UserError(
+            f"--submission-id {submission_id!r}: use letters, digits, '.', '_' and '-' "
+            f"(starting with a letter or digit, at most 128)"
+        )
     submission_id = submission_id or default_id
     job_env["PHYSFLOW_SUBMISSION_ID"] = submission_id
     metadata = {
@@ -480,13 +491,27 @@ def _state(submission_id: str, info: Any) -> JobState:
     return JobState(
         submission_id=submission_id,
         status=status,
-        message=(info.message or "").strip(),
+        message=_job_message(info.message or ""),
         entrypoint=info.entrypoint or "",
         start_s=info.start_time / 1000 if info.start_time else None,
         end_s=info.end_time / 1000 if info.end_time else None,
         exit_code=getattr(info, "driver_exit_code", None),
         metadata=dict(info.metadata or {}),
     )
+
+
+# Ray appends the job's log to a failed job's message after this (its first line ends there).
+_RAY_LOG_TAIL = re.compile(r",? *last available logs \(truncated to [\d,]+ chars\):(.*)", re.S)
+
+
+def _job_message(message: str) -> str:
+    """Ray's message without the log it appends, but with that log's last line."""
+    found = _RAY_LOG_TAIL.search(message)
+    if found is None:
+        return message.strip()
+    lines = [ln.strip() for ln in found.group(1).splitlines() if ln.strip()]
+    reason = message[: found.start()].strip()
+    return reason + (f"; its last line: {lines[-1][:300]}" if lines else "")
 
 
 def outcome(state: JobState) -> None:

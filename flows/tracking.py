@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -52,8 +53,26 @@ def _client():
     return mlflow.MlflowClient()
 
 
+def _check_server(timeout_s: float = 5.0) -> None:
+    """Fail at once, with one line, when an MLflow server is not even listening: MLflow's
+    own client retries a refused connection with back-off for about four minutes first."""
+    from urllib.parse import urlsplit
+
+    uri = tracking_uri()
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(f"MLflow at {uri}: cannot connect ({reason}; is the server up?)") from None
+
+
 def ensure_experiment(name: str) -> str:
     """The id of experiment `name`, created (with embedded artifact root) if needed."""
+    _check_server()
     client = _client()
     try:
         found = client.get_experiment_by_name(name)
@@ -168,23 +187,29 @@ class RunRow:
     start: float | None  # seconds since the epoch
     duration_s: float | None
     metrics: dict[str, float]
+    experiment: str = ""
 
 
-def list_runs(experiment: str, max_results: int = 20) -> list[RunRow]:
-    """The latest runs of `experiment`, newest first."""
+def list_runs(experiment: str | None, max_results: int = 20) -> list[RunRow]:
+    """The latest runs of `experiment` (of every experiment: None), newest first."""
+    _check_server()
     client = _client()
     try:
-        found = client.get_experiment_by_name(experiment)
+        experiments = {e.experiment_id: e.name for e in client.search_experiments()}
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"MLflow at {tracking_uri()}: cannot connect ({_brief(exc)})") from None
-    if found is None:
-        known = sorted(e.name for e in client.search_experiments())
-        raise UserError(
-            f"experiment {experiment!r} not found in {tracking_uri()} "
-            f"(known: {', '.join(known) or 'none'})"
-        )
+    if experiment is not None:
+        found = [i for i, name in experiments.items() if name == experiment]
+        if not found:
+            raise UserError(
+                f"experiment {experiment!r} not found in {tracking_uri()} "
+                f"(known: {', '.join(sorted(experiments.values())) or 'none'})"
+            )
+        experiments = {found[0]: experiment}
+    if not experiments:
+        return []
     runs = client.search_runs(
-        [found.experiment_id], order_by=["attributes.start_time DESC"], max_results=max_results
+        list(experiments), order_by=["attributes.start_time DESC"], max_results=max_results
     )
     rows = []
     now_ms = time.time() * 1000
@@ -199,6 +224,7 @@ def list_runs(experiment: str, max_results: int = 20) -> list[RunRow]:
                 start=start / 1000 if start else None,
                 duration_s=duration,
                 metrics=dict(r.data.metrics),
+                experiment=experiments.get(r.info.experiment_id, r.info.experiment_id),
             )
         )
     return rows
@@ -211,4 +237,4 @@ def _param_text(value: Any) -> str:
 
 def _brief(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
+    return lines[0][:300] if lines else type(exc).__name__

@@ -138,7 +138,7 @@ def weed_binary() -> str:
     return found
 
 
-WEED_PORTS = ("master.port", "volume.port", "filer.port", "s3.port", "admin.port", "webdav.port")
+WEED_PORTS = ("master.port", "volume.port", "filer.port", "s3.port", "admin.port")
 
 
 def start_seaweedfs(
@@ -155,10 +155,13 @@ def start_seaweedfs(
     data_dir.mkdir(parents=True, exist_ok=True)
     ports = {name: (ports or {}).get(name) or free_port() for name in WEED_PORTS}
     s3_port = ports["s3.port"]
+    (data_dir / "log").mkdir(exist_ok=True)
     cmd = [
         weed_binary(),
+        f"-logdir={data_dir / 'log'}",  # not /tmp: its logs stay with its data
         "mini",
         f"-dir={data_dir}",
+        "-webdav=false",  # unused; it would keep a chunk cache in /tmp
         f"-ip={HOST}",
         f"-ip.bind={HOST}",
         "-s3.port.iceberg=0",
@@ -166,6 +169,9 @@ def start_seaweedfs(
         "-admin.ui=false",
     ]
     cmd += [f"-{k}={v}" for k, v in ports.items()]
+    socket_path = data_dir / "s3.sock"
+    if len(str(socket_path)) < 100:  # a Unix socket's path has room for 107 bytes
+        cmd.append(f"-s3.localSocket={socket_path}")  # else /tmp/seaweedfs-s3-<port>.sock
     if buckets:
         cmd.append(f"-bucket={','.join(buckets)}")
     creds = {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}

@@ -169,13 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     env = up(args.ray) if args.action == "up" else exports(load_state(stack_dir()))
     if not env:
-        print("the stack is not running: python -m infra.stack up", file=sys.stderr)
+        print("the stack is not running: make stack-up", file=sys.stderr)
         return 1
     print(f"# the local stack is up (data in {stack_dir()}); in your shell:")
     for key, value in env.items():
         print(f"export {key}={value}")
     if "RAY_API_SERVER_ADDRESS" in env:
-        print("# physflow submit configs/quickstart.yaml --follow")
+        print("# . .venv/bin/activate; physflow submit configs/quickstart.yaml --follow")
     print("# stop it with: make stack-down")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -64,6 +65,10 @@ def test_end_to_end_on_embedded_defaults(home, spec, dask_address):
     runs = physflow("runs", "--experiment", "preprocess")
     assert runs.exit_code == 0, runs.output
     assert "tiny-v1" in runs.output and "FINISHED" in runs.output and "samples" in runs.output
+    every = physflow("runs")  # every experiment's latest runs, each with its key metric
+    assert every.exit_code == 0, every.output
+    assert "preprocess" in every.output and "tiny-v1" in every.output
+    assert "samples 8" in every.output
 
     again = physflow("preprocess", str(spec), "--set", "samples=8", "--dask-address", dask_address)
     assert again.exit_code == 0 and "already published" in again.output
@@ -116,3 +121,40 @@ def test_corrupt_shard_exits_1(home, spec, dask_address):
     result = physflow("datasets", "show", "tiny", "--verify")
     assert result.exit_code == 1
     assert "test/part-00000.parquet: checksum mismatch" in result.output
+
+
+def test_the_browse_hint_names_the_ui_that_serves_the_store(tmp_path, monkeypatch):
+    from flows.cli import browse_hint
+
+    monkeypatch.chdir(tmp_path)
+    assert browse_hint(f"sqlite:///{tmp_path}/.physflow/mlflow.db").startswith("make ui ")
+    other = f"sqlite:///{tmp_path}/elsewhere/mlflow.db"
+    assert browse_hint(other).startswith(f"mlflow ui --backend-store-uri {other} ")
+    assert browse_hint("http://127.0.0.1:5001").startswith("http://127.0.0.1:5001 ")
+
+
+def test_an_mlflow_server_that_is_not_up_is_one_line_at_once(home, monkeypatch):
+    from infra.services import free_port
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    result = physflow("runs")  # MLflow's client alone retries for about four minutes
+    assert result.exit_code == 2, result.output
+    assert "cannot connect (Connection refused; is the server up?)" in result.output
+    assert "Traceback" not in result.output and time.monotonic() - started < 60
+
+
+def test_the_continue_hint_is_the_typed_command_or_in_a_job_its_submission(monkeypatch):
+    from flows.cli_group import continue_with
+
+    monkeypatch.delenv("PHYSFLOW_SUBMISSION_ID", raising=False)
+    typed = ["physflow", "train", "my spec.yaml", "--set", "training.steps=9"]
+    assert continue_with(typed, ["--resume"]) == (
+        "physflow train 'my spec.yaml' --set training.steps=9 --resume"
+    )
+    monkeypatch.setenv("PHYSFLOW_SUBMISSION_ID", "physflow-train-x-0123")  # in a Ray job
+    hint = continue_with(typed, ["--resume"])
+    assert hint.startswith("physflow submit SPEC --submission-id NEW-ID -- --resume ")
+    assert continue_with(["physflow", "run", "q.yaml"]).startswith(
+        "physflow submit SPEC --submission-id NEW-ID ("
+    )

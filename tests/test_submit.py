@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
+from flows.errors import UserError
 from infra.services import free_port, start_ray_head
 
 runner = CliRunner()
@@ -105,6 +106,7 @@ def test_a_failing_job_makes_follow_fail_with_its_exit_code(cluster, tmp_path):
     assert result.exit_code == 2, result.output
     assert "bucket 'no-such-bucket' does not exist" in result.output  # the job's log
     assert "failed with exit code 2" in result.output
+    assert "last available logs" not in result.output  # Ray's header of the log it appends
     assert "Traceback" not in result.output
 
 
@@ -183,3 +185,26 @@ def test_no_address_at_all(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     result = physflow("jobs")
     assert result.exit_code == 2 and "no Ray cluster given" in result.output
+
+
+@pytest.mark.parametrize("bad", ["bad id/x", "bad id", "-x", "", "a" * 129])
+def test_a_submission_id_ray_cannot_name_a_log_after_is_refused(tmp_path, bad):
+    from flows.submit import prepare
+
+    with pytest.raises(UserError, match=r"--submission-id .*letters, digits"):
+        prepare(spec_file(tmp_path, "ids"), submission_id=bad)
+    assert prepare(spec_file(tmp_path, "ids"), submission_id="my-run_2.b").submission_id == (
+        "my-run_2.b"
+    )
+
+
+def test_a_failed_jobs_message_gives_its_last_log_line_not_rays_log_header():
+    from flows.submit import _job_message
+
+    failed = "Job entrypoint command failed with exit code 2"
+    ray = failed + ", last available logs (truncated to 20,000 chars):"
+    assert _job_message(ray + "\nstep 1\nerror: data set 'x' not found\n\n") == (
+        failed + "; its last line: error: data set 'x' not found"
+    )
+    assert _job_message(ray) == failed
+    assert _job_message(" Job was intentionally stopped. ") == "Job was intentionally stopped."

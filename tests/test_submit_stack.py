@@ -3,14 +3,29 @@ cleanly, and a restarted stack serves what the last one stored, at the same addr
 
 from __future__ import annotations
 
+import re
+import tempfile
+from pathlib import Path
+
 import mlflow
 import s3fs
 
 from infra import stack
 
 
+def weed_litter() -> set[str]:
+    """What SeaweedFS leaves in the temp folder unless told otherwise: its logs, its S3
+    gateway's socket and WebDAV's chunk cache (a folder named by 8 hex digits)."""
+    return {
+        p.name
+        for p in Path(tempfile.gettempdir()).iterdir()
+        if p.name.startswith(("weed.", "seaweedfs-s3-")) or re.fullmatch(r"[0-9a-f]{8}", p.name)
+    }
+
+
 def test_a_restarted_stack_keeps_its_data_ports_and_credentials(tmp_path, monkeypatch):
     monkeypatch.setenv("PHYSFLOW_STACK_DIR", str(tmp_path / "stack"))
+    litter = weed_litter()
     env = stack.up()
     try:
         assert env["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:")
@@ -28,6 +43,7 @@ def test_a_restarted_stack_keeps_its_data_ports_and_credentials(tmp_path, monkey
         assert set(stack.down()) == {"seaweedfs", "mlflow"}
     assert stack.running(stack.load_state(tmp_path / "stack")) == {}
     assert (tmp_path / "stack" / "stack.json").stat().st_mode & 0o077 == 0
+    assert weed_litter() <= litter  # its logs and socket stay in the stack's folder
 
     again = stack.up()
     try:
