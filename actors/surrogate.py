@@ -50,8 +50,9 @@ class PDESurrogate(nn.Module):
         for axis, grid in grids.items():
             self.register_buffer(f"grid_{axis}", grid.to(torch.float64))
         self.constraint = constraint_for(pde, self.pde_parameters)
-        if hasattr(self.constraint, "balance_rows"):  # recorded: `__setstate__` reads it
-            self.pde_parameters["balance_rows"] = self.constraint.balance_rows
+        for switch in ("balance_rows", "balance_each_group"):  # recorded: `__setstate__` reads them
+            if hasattr(self.constraint, switch):
+                self.pde_parameters[switch] = getattr(self.constraint, switch)
         self.partition = Partition(tuple(len(g) for g in grids.values()), tuple(splits))
         if kind == "sc":
             self.network = SoftConstrained.for_constraint(
@@ -168,10 +169,15 @@ class PDESurrogate(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         # Diffusion-sorption models saved before `balance_rows` existed solved with
-        # unweighted rows, and are loaded to solve as they were trained.
-        if self.pde == "diffusion-sorption" and "balance_rows" not in self.pde_parameters:
-            self.pde_parameters["balance_rows"] = False
-            self.constraint = constraint_for(self.pde, self.pde_parameters)
+        # unweighted rows, those saved before `balance_each_group` with one weight for all
+        # initial and boundary rows: each is loaded to solve as it was trained.
+        if self.pde == "diffusion-sorption":
+            saved = self.pde_parameters
+            legacy = {"balance_rows": False, "balance_each_group": False}
+            missing = {k: v for k, v in legacy.items() if k not in saved}
+            if missing:
+                self.pde_parameters = {**saved, **missing}
+                self.constraint = constraint_for(self.pde, self.pde_parameters)
 
     def __getstate__(self) -> dict[str, Any]:
         # Executors hold processes and Ray handles: never part of a saved model.

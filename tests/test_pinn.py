@@ -447,10 +447,22 @@ def test_ds_expert_residual_equals_the_full_grid_residual(splits):
         if sx.stop == nx:
             expected.append(traces["u_right"][:, 0, times] + D * traces["ux_right"][:, 0, times])
         lin = torch.cat(expected, 1) if expected else torch.zeros(batch, 0, dtype=F64)
-        # balance_rows: weighted by sqrt(PDE rows that count / linear rows)
+        # balance_rows: each group weighted by sqrt(PDE rows that count / its rows); pooled
+        # (balance_each_group off), all by sqrt(PDE rows that count / linear rows)
+        each = [(settled.sum() / g.shape[1]).sqrt() * g for g in expected]
+        weighted = torch.cat(each, 1) if each else lin
+        assert torch.allclose(r[:, m:-n], weighted, rtol=1e-12, atol=1e-12)
+        # the weight column, by which the initial guess reads the targets' level
+        unweighted = replace(c, balance_rows=False)
+        plain = unweighted.expert_params(derivs, initial, partition, k, points, grids)[4]
+        if plain.shape[1]:
+            level = params[4].abs().mean(1) / params[5][:, -1]
+            assert torch.allclose(level, plain.abs().mean(1), rtol=1e-12)
+        pooled = replace(c, balance_each_group=False)
+        params = pooled.expert_params(derivs, initial, partition, k, points, grids)
+        r = torch.vmap(c.residual_fn)(omega, params)
         weight = (settled.sum() / lin.shape[1]).sqrt() if lin.shape[1] else 1.0
         assert torch.allclose(r[:, m:-n], weight * lin, rtol=1e-12, atol=1e-12)
-        unweighted = replace(c, balance_rows=False)
         params = unweighted.expert_params(derivs, initial, partition, k, points, grids)
         r = torch.vmap(c.residual_fn)(omega, params)
         assert torch.allclose(r[:, m:-n], lin, rtol=1e-12, atol=1e-12)
@@ -1016,7 +1028,11 @@ def test_models_saved_before_row_weights_load_with_them_off():
         "moe", "diffusion-sorption", {"t_end": 500.0}, grids, 3, 4, 2, 1, (1, 2),
         LMOptions(), 10,
     )  # fmt: skip
-    assert pickle.loads(pickle.dumps(model)).constraint.balance_rows is True
+    now = pickle.loads(pickle.dumps(model)).constraint
+    assert now.balance_rows is True and now.balance_each_group is True
+    del model.pde_parameters["balance_each_group"]  # saved before a weight per group
+    pooled = pickle.loads(pickle.dumps(model))
+    assert pooled.constraint.balance_rows is True and pooled.constraint.balance_each_group is False
     del model.pde_parameters["balance_rows"]  # as a model saved before the setting
     old = pickle.loads(pickle.dumps(model))
     assert old.constraint.balance_rows is False and old.pde_parameters["balance_rows"] is False
