@@ -552,7 +552,7 @@ def _flat(row) -> dict[str, Any]:
         "seconds": row.seconds,
         "actor": row.actor,
         "session": row.session,
-        "error": row.error or "",
+        "failure": row.error or "",  # not "error": that is the measured error's column
     }
 
 

@@ -61,11 +61,16 @@ def register(app, reports_errors, out, err) -> None:
             ):
                 result = run_nas(job, root, resume, searching, training, ray_address)
         except KeyboardInterrupt:
-            typer.echo(
-                "interrupted: every finished validation is kept; continue with: "
-                + continue_with(["physflow", "nas", str(spec), *sets(set_)], ["--resume"]),
-                err=True,
-            )
+            from flows.nas import SearchFolder
+
+            again = ["physflow", "nas", str(spec), *sets(set_)]
+            if SearchFolder.of(root, job.name).state() is None:  # still on the super-network
+                told = "before the search began: nothing kept; start again with: "
+                told += continue_with(again)
+            else:
+                told = "every finished validation is kept; continue with: "
+                told += continue_with(again, ["--resume"])
+            typer.echo(f"interrupted: {told}", err=True)
             raise typer.Exit(130) from None
         replayed = f", {result.new} new" if result.new != result.validated else ""
         failed = f", {result.failed} failed" if result.failed else ""

@@ -129,3 +129,17 @@ def test_nas_group_help_and_spec_parsing():
     )
     assert spec.supernet.modes == [4, 6, 8] and spec.strategy.kind == "linas"
     assert np.isclose(spec.supernet.training.lr, 3e-3)
+
+
+def test_interrupted_on_the_super_network_the_hint_starts_again(home, spec, monkeypatch):
+    """Before the search keeps anything, --resume would find nothing: the hint says so."""
+    import flows.nas
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flows.nas, "run_nas", stopped)
+    result = physflow("nas", spec, "--set", "budget=12")
+    assert result.exit_code == 130
+    assert "nothing kept; start again with: physflow nas" in result.output
+    assert "--set budget=12" in result.output and "--resume" not in result.output

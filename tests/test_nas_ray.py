@@ -150,6 +150,11 @@ def test_search_with_ray_evaluators_on_s3_and_an_mlflow_server(
     with open(front_csv) as f:
         front = list(csv.DictReader(f))
     assert list(front[0]) == ["pick", "error", "macs", "config"] and front[0]["pick"] == "1"
+    with open(client.download_artifacts(run_id, "results.csv", str(tmp_path))) as f:
+        results = {int(r["index"]): r for r in csv.DictReader(f)}
+    for row in rows:  # every measure as measured, the failure column apart
+        assert float(results[row.index]["error"]) == pytest.approx(row.measures["error"])
+        assert results[row.index]["failure"] == (row.error or "")
 
     out = tmp_path / "pick1.pt"
     exported = physflow("nas", "export", run_id, "--pick", 1, "--out", out)
