@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -61,11 +63,12 @@ class SpecOrCommand(TyperGroup):
 
 
 class Progress:
-    """A progress bar on stderr (hidden when stderr is not a terminal), fed by
-    update(done, total[, value]); with `field`, the latest value is shown under that name
-    (the loss of a training run, the best score of a search)."""
+    """A progress bar on stderr, fed by update(done, total[, value]); with `field`, the
+    latest value is shown under that name (the loss of a training run, the best score of a
+    search). When stderr is not a terminal (a job's log, a pipe), a plain line instead,
+    every `every_s` seconds and at the end."""
 
-    def __init__(self, label: str, unit: str, field: str | None = None):
+    def __init__(self, label: str, unit: str, field: str | None = None, every_s: float = 30.0):
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -83,8 +86,10 @@ class Progress:
             columns.append(TextColumn(f"{field} {{task.fields[value]}}"))
         columns += [TimeElapsedColumn(), TimeRemainingColumn()]
         self.bar = Bar(*columns, console=console, transient=True, disable=not console.is_terminal)
-        self.label = label
+        self.label, self.unit, self.field, self.every_s = label, unit, field, every_s
+        self.lines = not console.is_terminal
         self.task = None
+        self.started = self.printed = None
 
     def __enter__(self):
         self.bar.start()
@@ -92,10 +97,25 @@ class Progress:
         def update(done: int, total: int, value: float | None = None) -> None:
             if self.task is None:
                 self.task = self.bar.add_task(self.label, total=total, value="-")
+                self.started = time.monotonic()
             fields = {} if value is None else {"value": f"{value:.4g}"}
             self.bar.update(self.task, completed=done, total=total, **fields)
+            if self.lines:
+                self._line(done, total, value)
 
         return update
+
+    def _line(self, done: int, total: int, value: float | None) -> None:
+        now = time.monotonic()
+        if done < total and self.printed is not None and now - self.printed < self.every_s:
+            return
+        self.printed = now
+        shown = f", {self.field} {value:.4g}" if self.field and value is not None else ""
+        print(
+            f"{self.label}: {done}/{total} {self.unit}{shown} ({now - self.started:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __exit__(self, *exc) -> None:
         self.bar.stop()

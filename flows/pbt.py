@@ -248,6 +248,9 @@ def resolve_trainable(spec: PbtSpec, storage: Storage) -> tuple[Callable, dict[s
 
         cloudpickle.register_pickle_by_value(sys.modules[builder.__module__])
     if spec.trainable == "pde":
+        from flows.train import open_problem
+
+        open_problem(spec.train, storage)  # a missing data set, or one of another PDE
         options = {
             "train": spec.train.resolved(),
             "storage": storage.url,

@@ -158,3 +158,15 @@ def test_the_continue_hint_is_the_typed_command_or_in_a_job_its_submission(monke
     assert continue_with(["physflow", "run", "q.yaml"]).startswith(
         "physflow submit SPEC --submission-id NEW-ID ("
     )
+
+
+def test_progress_off_a_terminal_is_a_line_now_and_then_and_at_the_end(capsys):
+    from flows.cli_group import Progress
+
+    with Progress("train demo", "steps", field="loss", every_s=3600) as update:
+        for step in range(1, 301):
+            update(step, 300, 1.0 / step)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2  # the first step, then nothing for an hour but the last
+    assert lines[0].startswith("train demo: 1/300 steps, loss 1 (")
+    assert lines[1].startswith("train demo: 300/300 steps, loss 0.003333 (")

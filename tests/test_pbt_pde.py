@@ -108,3 +108,12 @@ def test_a_pde_population_owns_its_experts_copies_weights_and_registers(
     again = replay(result.run_id)
     assert again.member == result.winner and again.steps == 4
     assert again.score == pytest.approx(again.recorded, rel=1e-3)
+
+
+def test_a_missing_data_set_is_one_user_error_before_any_member_starts(home):
+    """Not a member crash retried three times per member: the driver checks first."""
+    from flows.errors import UserError
+
+    with pytest.raises(UserError, match="data set 'ds-tiny' not found"):
+        run_pbt(spec(), Storage.from_env())
+    assert not Storage.from_env().exists(Storage.from_env().join("pbt", "pde-tiny"))
