@@ -269,7 +269,7 @@ def load_torch(store: Storage, path: str) -> Any:
 def _checkpoint_location(ref: str, storage: Storage) -> tuple[Storage, str]:
     if "://" in ref or ref.startswith("/"):
         head, _, tail = ref.rstrip("/").rpartition("/")
-        store = Storage.at(head)
+        store = Storage.at(head or "/")  # a file at the root: its folder is /, not here
         return store, store.join(tail)
     return storage, storage.join(ref)
 

@@ -192,3 +192,21 @@ def test_random_and_grid_starting_points():
     rnd = starting_points(spec.model_copy(update={"strategy": "random"}), space_,
                           np.random.default_rng(0))  # fmt: skip
     assert len({p["a"] for p in rnd}) == 4
+
+
+def test_a_diverged_member_does_not_take_the_lineage_plots_whole_colour_scale():
+    from actors.pbt.lineage import draw
+
+    lineage = Lineage("q", "max")
+    members = [MemberRecord(i, seed=i) for i in range(4)]
+    for i, m in enumerate(members):
+        m.segments = [
+            Segment(0, 4, {"h": i}, 1.0 + 0.05 * i),
+            Segment(4, 8, {"h": i}, 1.1 + 0.02 * i),
+        ]
+    members[3].segments[1].score = -1.7e6  # diverged
+    lineage.members = members
+    fig = draw(lineage)
+    colourbar = fig.axes[-1]
+    low, high = colourbar.get_ylim()
+    assert 0.9 < low < 1.1 < high < 1.2  # the healthy members' range, not -1.7e6 .. 1.2

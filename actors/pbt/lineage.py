@@ -126,10 +126,16 @@ def draw(lineage: Lineage, title: str = ""):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     from matplotlib import cm, colors
 
     scores = [s.score for m in lineage.members for s in m.segments if s.score is not None] or [0.0]
-    norm = colors.Normalize(min(scores), max(scores) if max(scores) > min(scores) else 1.0)
+    # The scores within three inter-quartile ranges of the middle half: a diverged member
+    # (-1e6 beside 1.2) would otherwise take the whole scale and paint the rest one colour.
+    q1, q3 = np.percentile(scores, [25, 75])
+    fenced = [v for v in scores if q1 - 3 * (q3 - q1) <= v <= q3 + 3 * (q3 - q1)]
+    low, high = float(min(fenced)), float(max(fenced))
+    norm = colors.Normalize(low, high if high > low else low + 1.0, clip=True)
     cmap = matplotlib.colormaps["viridis" if lineage.mode == "max" else "viridis_r"]
     height = 1.2 + 0.35 * len(lineage.members)
     fig, ax = plt.subplots(figsize=(8, min(height, 12)))
