@@ -24,6 +24,7 @@ from flows.cli_group import (
     SpecPath,
     StorageOption,
     continue_with,
+    sets,
 )
 from flows.errors import PhysflowError
 
@@ -186,9 +187,7 @@ def train(
 
 def _as_typed(command: str, spec, set_, storage, ray_address) -> list[str]:
     """`physflow <command> SPEC` with the options that decide what it continues."""
-    typed = ["physflow", command, str(spec)]
-    for item in set_ or []:
-        typed += ["--set", item]
+    typed = ["physflow", command, str(spec), *sets(set_)]
     for flag, value in (("--storage", storage), ("--ray-address", ray_address)):
         typed += [flag, value] if value else []
     return typed
