@@ -107,7 +107,9 @@ class Progress:
 
     def _line(self, done: int, total: int, value: float | None) -> None:
         now = time.monotonic()
-        if done < total and self.printed is not None and now - self.printed < self.every_s:
+        if done == 0 or (  # nothing done yet: no line (a mistake found then stays one line)
+            done < total and self.printed is not None and now - self.printed < self.every_s
+        ):
             return
         self.printed = now
         shown = f", {self.field} {value:.4g}" if self.field and value is not None else ""
