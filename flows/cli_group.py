@@ -46,11 +46,9 @@ def continue_with(command: list[str], options: list[str] = ()) -> str:
     new id, the options passed on to the job."""
     if not os.environ.get("PHYSFLOW_SUBMISSION_ID"):
         return shlex.join([*command, *options])
-    tail = ["--", *options] if options else []
-    return (
-        f"physflow submit SPEC {' '.join(['--submission-id', 'NEW-ID', *tail])} "
-        f"(SPEC: the spec submitted, with the same --set)"
-    )
+    tail = shlex.join(["--", *options]) + " " if options else ""
+    spec = "(SPEC: the spec submitted, with the same --set)"
+    return f"physflow submit SPEC --submission-id NEW-ID {tail}{spec}"
 
 
 class SpecOrCommand(TyperGroup):

@@ -672,10 +672,9 @@ def model_requirements() -> list[str]:
     (torch's local build tag, such as +cpu, left out: any build of that version loads it)."""
     from importlib.metadata import version
 
-    return [f"{package}=={version(package).split('+')[0]}" for package in MODEL_PACKAGES]
-
-
-MODEL_PACKAGES = ("torch", "numpy", "scipy")
+    return [
+        f"{package}=={version(package).split('+')[0]}" for package in ("torch", "numpy", "scipy")
+    ]
 
 
 # One step at a time: the `pde` trainable of population-based training ---------------------
