@@ -25,6 +25,13 @@ from actors.pinn import (
     expert_problems,
 )
 
+# The diffusion-sorption constraint's switches, as models saved before each existed solved.
+DS_SWITCHES_BEFORE = {
+    "balance_rows": False,
+    "balance_each_group": False,
+    "global_conditions": False,
+}
+
 
 class PDESurrogate(nn.Module):
     def __init__(
@@ -50,7 +57,7 @@ class PDESurrogate(nn.Module):
         for axis, grid in grids.items():
             self.register_buffer(f"grid_{axis}", grid.to(torch.float64))
         self.constraint = constraint_for(pde, self.pde_parameters)
-        for switch in ("balance_rows", "balance_each_group"):  # recorded: `__setstate__` reads them
+        for switch in DS_SWITCHES_BEFORE:  # recorded: `__setstate__` reads them
             if hasattr(self.constraint, switch):
                 self.pde_parameters[switch] = getattr(self.constraint, switch)
         self.partition = Partition(tuple(len(g) for g in grids.values()), tuple(splits))
@@ -170,11 +177,12 @@ class PDESurrogate(nn.Module):
         super().__setstate__(state)
         # Diffusion-sorption models saved before `balance_rows` existed solved with
         # unweighted rows, those saved before `balance_each_group` with one weight for all
-        # initial and boundary rows: each is loaded to solve as it was trained.
+        # initial and boundary rows, those saved before `global_conditions` with only the
+        # initial and boundary rows inside each expert's block: each is loaded to solve as
+        # it was trained.
         if self.pde == "diffusion-sorption":
             saved = self.pde_parameters
-            legacy = {"balance_rows": False, "balance_each_group": False}
-            missing = {k: v for k, v in legacy.items() if k not in saved}
+            missing = {k: v for k, v in DS_SWITCHES_BEFORE.items() if k not in saved}
             if missing:
                 self.pde_parameters = {**saved, **missing}
                 self.constraint = constraint_for(self.pde, self.pde_parameters)

@@ -3,9 +3,11 @@
 Chalapathi, Du and Krishnapriyan (ICLR 2024) replace the single global constraint solve
 of PI-HC by K independent solves, one per sub-domain of a fixed, uniform, non-overlapping
 partition of the space-time domain. Each expert owns the grid points of its block, its
-own coefficients omega_k, its collocation points and the initial/boundary rows that fall
-inside its block; nothing couples the blocks, so the solves run in parallel and each is
-K times smaller. The outputs are simply put side by side (no continuity is enforced).
+own coefficients omega_k, its collocation points and initial/boundary rows (for
+Navier-Stokes those of its block; for diffusion-sorption the whole initial condition and
+both boundaries, as the paper's code replicates them to every expert); nothing couples
+the blocks, so the solves run in parallel and their PDE rows are K times fewer. The
+outputs are simply put side by side (no continuity is enforced).
 
 The partition here is per axis: `splits[a]` blocks along grid axis a, with the sizes of
 `np.array_split` (the first n % s blocks get one point more), so any grid size works. The
