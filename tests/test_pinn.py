@@ -844,9 +844,12 @@ def test_expert_problems_gather_what_each_expert_would_gather_alone(pde, m):
 @pytest.mark.parametrize(
     "splits, basis_kind, tolerance",
     [
-        ((1, 1), "components", 1e-3),  # measured 1.7e-4
-        ((1, 2), "components", 3e-3),  # measured 1.0e-3
-        ((1, 4), "solution", 3e-3),  # measured 6.3e-4
+        ((1, 1), "components", 1e-3),  # measured 1.6e-4
+        ((1, 2), "components", 1e-3),  # measured 2.4e-4
+        ((1, 4), "components", 1e-3),  # measured 2.4e-4
+        ((1, 8), "components", 1e-3),  # measured 2.5e-4
+        ((2, 2), "components", 1e-3),  # measured 2.2e-4
+        ((1, 4), "solution", 1e-3),  # measured 1.3e-4
     ],
 )
 def test_solve_experts_recovers_an_exact_ds_solution(splits, basis_kind, tolerance):
@@ -854,13 +857,13 @@ def test_solve_experts_recovers_an_exact_ds_solution(splits, basis_kind, toleran
     components 1, x and the decaying mode (scaled per sample), plus two functions it does
     not use. "solution": the basis holds the solution itself plus four unused functions.
 
-    Finer x-splits need the second form: an interior block has no boundary rows, so on
-    its few cells 1, x and sin(k x) are nearly collinear and the O(dt^2) discretisation
-    error of the mode moves omega along that direction (relative error 1.9e-2 at (1, 4)
-    and 0.17 at (1, 8) with the component basis, 2.1e-3 at (1, 8) with the solution
-    basis). Splits in time are left out: a block
-    starting after t = 0 has no initial rows, and the decaying mode, which satisfies the
-    PDE and both boundary conditions, is then fixed only by the ridge.
+    Every expert meets the whole initial condition and both boundaries, so any split
+    recovers the solution from its components. With only the rows inside its block (the
+    constraint's `global_conditions=False`) an interior block has no boundary rows, and on
+    its few cells 1, x and sin(k x) are nearly collinear: the relative error was 1.9e-2 at
+    (1, 4) and 0.17 at (1, 8); and a block starting after t = 0 has no initial rows, so the
+    decaying mode, which satisfies the PDE and both boundary conditions, was fixed only by
+    the ridge.
     """
     constraint_pkg = pytest.importorskip("actors.constraint")
     c = DiffusionSorptionConstraint(bulk_density=0.0)

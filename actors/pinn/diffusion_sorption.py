@@ -59,8 +59,8 @@ over the full grid plus the RMS of the initial, inlet and outflow residuals; mea
 the batch. A split domain adds `interface_weight` times the RMS of the jumps between
 neighbouring experts (u, and across x the flux T D u_x, each side extrapolated to the
 common face with its own omega): the solves stay independent, but without it the
-experts of a [1, 4] split that touch no physical boundary drift to solutions of their own
-(test relative L2 43 % after 1 000 quick-benchmark steps, 8.5 % with it).
+experts of a [1, 4] split drift to solutions of their own (test relative L2 32.6 % after
+1 000 quick-benchmark steps, 2.7 % with it).
 RMS (the 2-norm over sqrt(point count)) keeps the loss independent of the resolution.
 Expect the data's own loss to be far from zero: the initial condition
 (u0 ~ U(0, 0.2)) is incompatible with u(0, t) = 1, so u jumps at the inlet at t = 0 and
