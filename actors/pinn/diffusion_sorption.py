@@ -503,7 +503,9 @@ class DiffusionSorptionConstraint:
         if not isinstance(initial, Tensor) or tuple(initial.shape) != (batch, nx):
             raise ValueError(f"initial must be ({batch}, {nx})")
         points = check_points(points, batch, nt * nx).to(basis.device)
-        st, sx = partition.slices(k)
+        # where the initial and boundary rows are taken: the whole domain, or (global
+        # conditions off) only where they fall inside the expert's block
+        st, sx = (slice(0, nt), slice(0, nx)) if self.global_conditions else partition.slices(k)
         dtype = basis.dtype
         if rows is None:
             rows = {key: gather_rows(derivs[key], points) for key in self.row_keys}
@@ -516,9 +518,7 @@ class DiffusionSorptionConstraint:
             rows = [r * settled for r in rows]  # zero rows: no say in the solve
             pde_rows = settled.sum((-2, -1)).to(basis.device).expand(batch)
         lin_rows, lin_target = [], []
-        if self.global_conditions:
-            st, sx = slice(0, nt), slice(0, nx)
-        if st.start == 0:  # initial condition at this block's cells
+        if st.start == 0:  # the initial condition
             lin_rows.append(derivs["u_start"][:, :, sx].transpose(1, 2))  # (B, n_x, N)
             lin_target.append(initial[:, sx].to(basis.device, dtype))
         times = slice(max(st.start, 1), st.stop)  # boundary rows for t > 0 only
