@@ -218,12 +218,15 @@ class FNO(nn.Module):
             Pointwise(dims, width, 2 * width), nn.GELU(), Pointwise(dims, 2 * width, out_channels)
         )
 
-    def kept_modes(self, grid: Sequence[int]) -> tuple[int, ...]:
+    def kept_modes(
+        self, grid: Sequence[int], padding: Sequence[int] | None = None
+    ) -> tuple[int, ...]:
         """The non-negative wavenumbers the spectral layers keep along each axis of `grid`
-        (padded as `forward` pads it): equal on two grids, the same weights act on the same
-        modes of both."""
+        (padded as `forward` pads it, or by `padding`): equal on two grids, the same weights
+        act on the same modes of both."""
         modes = self.spectral[0].modes
-        return tuple(_kept(n + p, modes) for n, p in zip(grid, self.padding, strict=True))
+        pads = self.padding if padding is None else padding
+        return tuple(_kept(n + p, modes) for n, p in zip(grid, pads, strict=True))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 2 + self.dims or x.shape[1] != self.in_channels:
