@@ -276,6 +276,8 @@ class PDEBenchIngest(Spec):
             handle = storage.fs.open(storage.url, "rb")
         except FileNotFoundError:
             raise UserError(f"ingest.path: {self.path}: file not found") from None
+        except IsADirectoryError:
+            raise UserError(f"ingest.path: {self.path}: a folder, not an HDF5 file") from None
         try:
             return h5py.File(handle, "r")
         except OSError:

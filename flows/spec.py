@@ -75,6 +75,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, not a spec file")
     if not path.is_file():
         raise UserError(f"{path}: spec file not found")
     try:

@@ -102,6 +102,7 @@ def test_user_mistakes_exit_2_with_one_line(home, spec, args, message):
 def test_missing_things_exit_2(home, tmp_path):
     cases = [
         (["preprocess", str(tmp_path / "nope.yaml")], "spec file not found"),
+        (["preprocess", str(tmp_path)], "a folder, not a spec file"),
         (["datasets", "show", "absent"], "data set 'absent' not found"),
         (["datasets", "show", "BAD NAME"], "data set 'BAD NAME': use lower-case"),
         (["runs", "--experiment", "nothing"], "experiment 'nothing' not found"),

@@ -84,6 +84,8 @@ def test_not_a_pdebench_file(tmp_path):
         spec_for(tmp_path / "text.h5").ingest.describe()
     with pytest.raises(UserError, match="file not found"):
         spec_for(tmp_path / "none.h5").ingest.describe()
+    with pytest.raises(UserError, match="a folder, not an HDF5 file"):
+        spec_for(tmp_path).ingest.describe()
 
 
 def test_more_samples_than_the_file_holds(tmp_path, dask_address):
