@@ -24,6 +24,7 @@ from flows.cli_group import (
     SpecPath,
     StorageOption,
     continue_with,
+    model_line,
     sets,
 )
 from flows.errors import PhysflowError
@@ -219,7 +220,7 @@ def _print_train(result) -> None:
         out.print(f"  per step  {result.step_seconds:.3f} s (median){share}")
     out.print(f"  run    {result.run_id} (experiment train)")
     if result.registered:
-        out.print(f"  model  {result.model_uri} (registered as {result.registered!r})")
+        out.print(f"  model  {model_line(result.registered, result.model_uri)}")
 
 
 @app.command()

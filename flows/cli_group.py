@@ -51,6 +51,17 @@ def continue_with(command: list[str], options: list[str] = ()) -> str:
     return f"physflow submit SPEC --submission-id NEW-ID {tail}{spec}"
 
 
+def model_line(registered: str, model_uri: str | None) -> str:
+    """What a job prints of the model it registered: the registry's URI, which `evaluate`
+    and `mlflow.pyfunc.load_model` take, and the logged model's."""
+    from flows.tracking import registered_uri
+
+    version = registered_uri(registered, model_uri)
+    if version is None:
+        return f"{model_uri} (registered as {registered!r})"
+    return f"{version} (logged as {model_uri})"
+
+
 class SpecOrCommand(TyperGroup):
     """`<group> SPEC ...` means `<group> run SPEC ...`; `<group> <command> ...` stays."""
 

@@ -21,6 +21,7 @@ from flows.cli_group import (
     SpecPath,
     StorageOption,
     continue_with,
+    model_line,
     sets,
 )
 
@@ -77,7 +78,7 @@ def register(app, reports_errors, out, err) -> None:
         out.print(f"  overhead  {result.overhead_fraction:.1%} of the population's wall time")
         out.print(f"  run       {result.run_id} (experiment {result.experiment})")
         if result.registered:
-            out.print(f"  model     {result.model_uri} (registered as {result.registered!r})")
+            out.print(f"  model     {model_line(result.registered, result.model_uri)}")
         out.print(f"  replay    physflow pbt replay {result.run_id}")
 
     @pbt_app.command("replay")

@@ -238,3 +238,13 @@ def _param_text(value: Any) -> str:
 def _brief(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0][:300] if lines else type(exc).__name__
+
+
+def registered_uri(name: str, model_uri: str | None) -> str | None:
+    """The registry's URI (models:/NAME/VERSION) of the version of `name` made from the
+    logged model `model_uri` (models:/m-...); None if there is none."""
+    if model_uri is None:
+        return None
+    versions = _client().search_model_versions(f"name = '{name}'")
+    found = [int(v.version) for v in versions if v.source == model_uri]
+    return f"models:/{name}/{max(found)}" if found else None

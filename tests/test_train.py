@@ -251,7 +251,7 @@ def test_cli_train_evaluate_and_user_errors(tiny, tmp_path):
     path.write_text(spec().model_dump_json())
     result = runner.invoke(app, ["train", str(path)])
     assert result.exit_code == 0, result.output
-    assert "test relative L2" in result.output and "registered as 'tiny'" in result.output
+    assert "test relative L2" in result.output and "models:/tiny/1 (logged as" in result.output
     assert "s (median)," in result.output and "in the experts" in result.output
     run_id = next(
         line.split()[1] for line in result.output.splitlines() if line.strip().startswith("run ")
@@ -486,7 +486,7 @@ def test_cli_run_preprocesses_trains_registers_and_says_where_to_look(home):
         "data   ds-quickstart v1: 8 samples",
         "trained 3 steps",
         "s (median), ",
-        "(registered as 'quickstart-moe')",
+        "model  models:/quickstart-moe/1 (logged as models:/m-",
         "browse  make ui",
     ):
         assert line in got.output, (line, got.output)
