@@ -26,7 +26,11 @@ class Evaluation:
 
 
 def model_uri(ref: str) -> str:
-    """A run id, `runs:/<id>/model` or `models:/<name>/<version|alias>` -> a model URI."""
+    """A run id (or its start, as `physflow runs` prints it), `runs:/<id>/model` or
+    `models:/<name>/<version|alias>` -> a model URI."""
+    from flows.tracking import full_run_id
+
+    ref = full_run_id(ref)
     if re.fullmatch(r"[0-9a-f]{32}", ref):
         return f"runs:/{ref}/model"
     name = re.fullmatch(r"models:/([^/]+)", ref)

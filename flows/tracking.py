@@ -248,3 +248,25 @@ def registered_uri(name: str, model_uri: str | None) -> str | None:
     versions = _client().search_model_versions(f"name = '{name}'")
     found = [int(v.version) for v in versions if v.source == model_uri]
     return f"models:/{name}/{max(found)}" if found else None
+
+
+def full_run_id(text: str) -> str:
+    """The start of a run id, as `physflow runs` prints it (8 to 31 hex digits) -> the
+    whole id of the one run it starts; anything else is returned as it is. A start that
+    no run's id has, or several runs' ids have, is a user error."""
+    import re
+
+    from mlflow.entities import ViewType
+
+    if not re.fullmatch(r"[0-9a-f]{8,31}", text):
+        return text
+    client = _client()
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    runs = client.search_runs(
+        experiments, f"attributes.run_id LIKE '{text}%'", ViewType.ALL, max_results=2
+    )
+    if not runs:
+        raise UserError(f"run {text!r}: no run's id starts so (`physflow runs` lists them)")
+    if len(runs) > 1:
+        raise UserError(f"run {text!r}: the ids of several runs start so; give more of it")
+    return runs[0].info.run_id

@@ -157,7 +157,7 @@ def test_search_with_ray_evaluators_on_s3_and_an_mlflow_server(
         assert results[row.index]["failure"] == (row.error or "")
 
     out = tmp_path / "pick1.pt"
-    exported = physflow("nas", "export", run_id, "--pick", 1, "--out", out)
+    exported = physflow("nas", "export", run_id[:8], "--pick", 1, "--out", out)
     assert exported.exit_code == 0, exported.output
     module = torch.load(out, weights_only=False)
     checkpoint = io.BytesIO(store.read_bytes(folder.state()["supernet"]))

@@ -80,7 +80,7 @@ def test_pbt_beats_grid_explore_and_exploit_only_and_replays(home, ray_local, tm
     assert any(len(set(history(r.info.run_id, "hp.h1").values())) > 2 for r in runs.values())
 
     # replay: the winner from the run id (CLI), another member from the lineage file
-    replayed = runner.invoke(app, ["pbt", "replay", pbt.run_id])
+    replayed = runner.invoke(app, ["pbt", "replay", pbt.run_id[:8]])
     assert replayed.exit_code == 0, replayed.output
     assert f"replayed member {pbt.winner}" in replayed.output
     assert "difference 0)" in replayed.output

@@ -262,6 +262,10 @@ def test_cli_train_evaluate_and_user_errors(tiny, tmp_path):
     assert "relative L2" in scored.output and "over 2 test samples" in scored.output
     by_name = runner.invoke(app, ["evaluate", "models:/tiny/1", "--dataset", "ds-tiny"])
     assert by_name.exit_code == 0, by_name.output
+    # the start of the id, as `physflow runs` prints it
+    by_start = runner.invoke(app, ["evaluate", run_id[:8], "--dataset", "ds-tiny", "--limit", "1"])
+    assert by_start.exit_code == 0, by_start.output
+    assert f"runs:/{run_id}/model" in by_start.output, by_start.output
     scoring = mlflow.search_runs(experiment_names=["evaluate"])  # runs without a model
     assert set(scoring["tags.mlflow.runName"]) == {f"{run_id[:8]} on ds-tiny/v1",
                                                    "models:/tiny/1 on ds-tiny/v1"}  # fmt: skip
@@ -275,6 +279,7 @@ def test_cli_train_evaluate_and_user_errors(tiny, tmp_path):
         (["train", str(path), "--set", "training.device=tpu"], "training.device: Input should"),
         (["evaluate", "nonsense", "--dataset", "ds-tiny"], "expected a run id"),
         (["evaluate", "0" * 32, "--dataset", "ds-tiny"], "cannot be loaded"),
+        (["evaluate", "0" * 8, "--dataset", "ds-tiny"], "'00000000': no run's id starts so"),
         (["evaluate", "models:/tiny", "--dataset", "ds-tiny"], "models:/tiny/<version>"),
         (["evaluate", scoring_runs[0], "--dataset", "ds-tiny"],
          f"run {scoring_runs[0]} (experiment evaluate) has no logged model"),
