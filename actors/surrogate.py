@@ -185,10 +185,9 @@ class PDESurrogate(nn.Module):
             clone.register_buffer(f"grid_{axis}", grid.to(self.device, torch.float64))
         clone.partition = partition
         clone.network.fno.padding = padding
-        levels = getattr(self.constraint, "settling_levels", 0)
-        if levels and levels < len(self.grids["t"]):
+        levels, t = getattr(self.constraint, "settling_levels", 0), self.grids.get("t")
+        if levels and levels < len(t):
             # the new grid's levels before the first level that counted on the training grid
-            t = self.grids["t"]
             before = int((grids["t"].to(t) < t[levels] - 1e-9 * t[-1]).sum())
             clone.constraint = replace(self.constraint, settling_levels=max(levels, before))
         return clone

@@ -634,6 +634,7 @@ def export_subnet(
     storage = storage or Storage.from_env()
     mlflow.set_tracking_uri(tracking.tracking_uri())
     client = mlflow.MlflowClient()
+    run_id = tracking.full_run_id(run_id)  # its start, as `physflow runs` prints it
     try:
         tags = client.get_run(run_id).data.tags
     except Exception:  # noqa: BLE001 - MLflow raises its own types for a missing run

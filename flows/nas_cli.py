@@ -96,13 +96,9 @@ def register(app, reports_errors, out, err) -> None:
         """Save a front sub-network as a standalone torch module (torch.load to use it)."""
         from flows.nas import export_subnet
         from flows.storage import Storage
-        from flows.tracking import full_run_id
 
         result = export_subnet(
-            full_run_id(run_id),
-            pick,
-            Storage.from_env(storage),
-            str(out_path) if out_path else None,
+            run_id, pick, Storage.from_env(storage), str(out_path) if out_path else None
         )
         measures = ", ".join(f"{k} {v:.4g}" for k, v in result.measures.items())
         out.print(f"exported pick {result.pick}: {result.config} ({result.params} params)")

@@ -9,7 +9,6 @@ that is not a sub-command name is the spec of `run`.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -95,11 +94,8 @@ def register(app, reports_errors, out, err) -> None:
         """Retrain one member's whole schedule (its ancestors' steps, then its own)."""
         from flows.pbt_replay import replay as run_replay
         from flows.storage import Storage
-        from flows.tracking import full_run_id
 
         root = Storage.from_env(storage).check()
-        if not Path(source).exists():  # a run id, perhaps its start as `physflow runs` shows it
-            source = full_run_id(source)
         with Progress("replay", "steps") as update:
             result = run_replay(source, member, root, update, ray_address)
         recorded = (

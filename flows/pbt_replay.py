@@ -40,6 +40,8 @@ def load_lineage(source: str) -> dict[str, Any]:
     tracking.ensure_experiment("pbt-replay")  # sets the tracking URI
     import mlflow
 
+    source = tracking.full_run_id(source)  # its start, as `physflow runs` prints it
+
     try:
         return mlflow.artifacts.load_dict(f"runs:/{source}/lineage.json")
     except Exception as exc:  # noqa: BLE001 - any failure here means "not a search"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator, Mapping
@@ -254,8 +255,6 @@ def full_run_id(text: str) -> str:
     """The start of a run id, as `physflow runs` prints it (8 to 31 hex digits) -> the
     whole id of the one run it starts; anything else is returned as it is. A start that
     no run's id has, or several runs' ids have, is a user error."""
-    import re
-
     from mlflow.entities import ViewType
 
     if not re.fullmatch(r"[0-9a-f]{8,31}", text):
