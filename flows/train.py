@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 import actors
 from actors import heap
@@ -47,6 +47,17 @@ class ModelSpec(Spec):
     splits: list[int] = Field(
         [1, 4], min_length=2, max_length=3, description="sub-domains per axis (t, x[, y]); moe only"
     )
+    precision: Literal["float32", "float64"] = Field(
+        "float32", description="the network's floats (the constraint layer's are float64)"
+    )
+
+    @model_serializer(mode="wrap")
+    def _default_precision_unsaid(self, handler) -> dict[str, Any]:
+        # as specs were before the key existed: the digests of their runs (resume, PBT) hold
+        data = handler(self)
+        if data.get("precision") == "float32":
+            del data["precision"]
+        return data
 
     @model_validator(mode="after")
     def _splits(self) -> ModelSpec:
@@ -236,7 +247,7 @@ def build_model(spec: TrainSpec, problem: Problem):
         initial_damping=spec.constraint.damping,
     )
     m = spec.model
-    return PDESurrogate(
+    model = PDESurrogate(
         kind=m.kind,
         pde=problem.pde,
         parameters=parameters,
@@ -249,6 +260,11 @@ def build_model(spec: TrainSpec, problem: Problem):
         options=options,
         collocation_points=spec.constraint.collocation_points,
     )
+    if m.precision == "float64":
+        # where the grid is fine: the second difference over 1 024 cells multiplies a float32
+        # basis' round-off by 4e6 (the README's model section)
+        model.network.double()
+    return model
 
 
 # Checkpoints -----------------------------------------------------------------------------

@@ -67,3 +67,33 @@ def test_it_needs_nothing_but_torch_and_numpy():
     )
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_training_on_and_scoring_report_the_saved_models_test_error(tmp_path):
+    """--until trains the MoE on after its timed steps and scores it: the saved weights,
+    scored again here on the same simulated solutions, give the reported error."""
+    saved = tmp_path / "moe.pt"
+    result = gpu.main(
+        ["--tiny", "--steps", "6", "--device", "cpu", "--until", "10", "--test-samples", "3",
+         "--save", str(saved)]
+    )  # fmt: skip
+    assert result["train_steps"] > 6 and result["test_samples"] == 3
+    assert result["lr_halve_every"] == max(min(gpu.PAPER_STEPS, result["train_steps"]) // 5, 1)
+    model = gpu.build("moe", gpu.TINY, "cpu")
+    model.load_state_dict(torch.load(saved))
+    initial, truth = gpu.test_set(gpu.TINY, 3)
+    assert torch.equal(initial, truth[:, 0].float())  # each starts from its t = 0 level
+    errors = gpu.relative_l2(model, initial, truth)
+    assert round(float(errors.mean()), 4) == result["rel_l2_moe"] and 0 < errors.mean() < 1
+
+
+def test_the_schedule_is_the_training_jobs():
+    import yaml
+
+    from flows.train import TrainSpec, learning_rate
+
+    training = TrainSpec.model_validate(yaml.safe_load(open("configs/ds-moe.yaml"))).training
+    for step in (0, 49, 99, 100, 799, 800, 2500, 3999):
+        assert gpu.learning_rate(step, training.lr_halve_every) == pytest.approx(
+            learning_rate(training, step)
+        )

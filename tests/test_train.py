@@ -213,6 +213,60 @@ def test_checkpoints_from_before_the_device_and_pde_settings_stay_resumable():
     assert _resumable_digest(current) == digest_of(data)
     assert _resumable_digest(spec(training__device="cpu")) == _resumable_digest(current)
     assert _resumable_digest(spec(training__lr=1e-2)) != _resumable_digest(current)
+    # nor before `model.precision`: float32, what every network was then, is left unsaid
+    assert _resumable_digest(spec(model__precision="float32")) == _resumable_digest(spec())
+    assert _resumable_digest(spec(model__precision="float64")) != _resumable_digest(spec())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_at_1024_cells_a_float32_network_gives_constant_solves_and_a_float64_one_does_not(seed):
+    """The paper's network (width 64, 5 layers) on the paper's 1 024 cells: in float32 the
+    second difference turns the basis' round-off (~1e-7) into curvature (~1e-7 · 4 / dx²
+    = 0.4) larger than the functions' own, so the solves' best u is a constant, from the
+    first step (trained so at lr 1e-3 on a GPU, it stayed at 77 % test error). In float64
+    the same weights' solves follow the data's initial and boundary values."""
+    from flows.train import Problem, build_model
+
+    cells = 1024
+    grids = {
+        "t": torch.linspace(0, 500, 26, dtype=torch.float64),
+        "x": (torch.arange(cells, dtype=torch.float64) + 0.5) / cells,
+    }
+    problem = Problem(None, "diffusion-sorption", {}, "u", grids)
+    spread = {}
+    for precision in ("float32", "float64"):
+        torch.manual_seed(seed)
+        model = build_model(
+            spec(
+                model={"kind": "moe", "basis": 16, "width": 64, "modes": 8, "layers": 5,
+                       "splits": [1, 4], "precision": precision},
+                constraint={"max_iterations": 50, "collocation_points": 5000},
+            ),
+            problem,
+        )  # fmt: skip
+        dtypes = {p.dtype for p in model.network.parameters()}
+        assert dtypes == {getattr(torch, precision)}
+        with torch.no_grad():
+            _, u, _ = model.loss(torch.full((2, cells), 0.1), torch.Generator().manual_seed(0))
+        spread[precision] = float(u.std(dim=(1, 2)).max())  # the most varied sample's
+    # u runs from 0.1 to the inlet's 1 where it follows the data: std ~0.25
+    assert spread["float32"] < 0.05 and spread["float64"] > 0.15, spread
+
+
+def test_a_float64_network_trains_logs_and_resumes_in_float64(tiny):
+    first = train(spec(name="f64", model__precision="float64"), tiny)
+    more = train(spec(name="f64", model__precision="float64", training__steps=8), tiny,
+                 resume=True)  # fmt: skip
+    assert more.resumed_from == 6 and np.isfinite(more.rel_l2_mean)
+    logged = mlflow.pytorch.load_model(more.model_uri)
+    assert {p.dtype for p in logged.network.parameters()} == {torch.float64}
+    with torch.no_grad():  # float32 input, as the logged signature says
+        u = logged(torch.full((1, DATA["simulation"]["nx"]), 0.1))
+    assert u.dtype == torch.float64 and torch.isfinite(u).all()
+    # a float32 network is another spec: the run is not continued in it
+    with pytest.raises(UserError, match=r"different spec \(model.precision: float64 -> absent"):
+        train(spec(name="f64", training__steps=9), tiny, resume=True)
+    assert first.run_id == more.run_id
 
 
 def test_learning_rate_warms_up_then_halves():
