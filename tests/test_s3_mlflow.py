@@ -70,3 +70,74 @@ def test_s3_mistakes_are_user_errors(home, tmp_path, s3, s3_env, monkeypatch, da
     result = runner.invoke(app, ["datasets", "show", "x"])
     assert result.exit_code == 2, result.output
     assert "access denied" in result.output and "Traceback" not in result.output
+
+
+def test_the_clusters_mlflow_command_serves_with_basic_auth(tmp_path):
+    """The MLflow container's own start-up script from k8s/base/mlflow.yaml, run here with
+    SQLite for PostgreSQL and a folder for the bucket, on loopback: it starts (its
+    basic-auth app needs Flask-WTF, which `mlflow[auth]` brings), refuses a caller without
+    credentials or with a wrong password, and lets the admin in with the Secret's
+    password."""
+    import base64
+    import os
+    import re
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
+
+    import yaml
+
+    from infra.services import free_port, wait_http
+
+    docs = yaml.safe_load_all(Path("k8s/base/mlflow.yaml").read_text())
+    deployment = next(d for d in docs if d and d.get("kind") == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    script, port = container["args"][0], free_port()
+    for pattern, local in [
+        (r'DB="[^"]*"', f'DB="sqlite:///{tmp_path}/mlflow.db"'),
+        (r"/run/mlflow/auth\.ini", f"{tmp_path}/auth.ini"),
+        (r"s3://physflow/mlartifacts", f"{tmp_path}/artifacts"),
+        (r"--host 0\.0\.0\.0 --port 5000", f"--host 127.0.0.1 --port {port}"),
+    ]:
+        script, found = re.subn(pattern, local, script)
+        assert found == 1, pattern  # the manifest still says what this test replaces
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    env["MLFLOW_AUTH_CONFIG_PATH"] = f"{tmp_path}/auth.ini"
+    secrets = {
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-secret-1",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "k",
+    }
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        ["/bin/sh", "-c", script], env={**os.environ, **env, **secrets, "PATH": path},
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", 120, server)
+
+        def create(user: str | None, password: str | None) -> int:
+            request = urllib.request.Request(
+                f"{url}/api/2.0/mlflow/experiments/create",
+                data=json.dumps({"name": f"by-{user}"}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            if user is not None:
+                token = base64.b64encode(f"{user}:{password}".encode()).decode()
+                request.add_header("Authorization", f"Basic {token}")
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    return response.status
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        assert create(None, None) == 401
+        assert create("admin", "wrong") == 401
+        assert create("admin", secrets["MLFLOW_AUTH_ADMIN_PASSWORD"]) == 200
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        log.close()
