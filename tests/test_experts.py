@@ -93,6 +93,7 @@ def test_ray_experts_match_in_process_and_survive_a_kill(local_ray):
         # Kill one expert's process: Ray restarts it and the call is retried.
         before = remote.placement()[2]
         ray.kill(remote.actors[2], no_restart=False)
+        _wait_gone(before["pid"])
         omegas_again, _ = solve_experts(remote, params)
         after = remote.placement()[2]
         assert after["pid"] != before["pid"]
@@ -101,6 +102,23 @@ def test_ray_experts_match_in_process_and_survive_a_kill(local_ray):
             torch.testing.assert_close(a, b)
     finally:
         remote.close()
+
+
+def _wait_gone(pid: int, timeout_s: float = 30.0) -> None:
+    """Until the killed expert's process has ended: `ray.kill` only sends the kill, and a
+    call made at once can still be served by the old process (then no restart is seen)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if state in ("Z", "X"):  # ended, not yet reaped
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"expert process {pid} still runs {timeout_s} s after ray.kill")
 
 
 def test_an_expert_killed_between_its_solve_and_its_backward_gives_the_same_gradient(local_ray):
@@ -115,6 +133,7 @@ def test_an_expert_killed_between_its_solve_and_its_backward_gives_the_same_grad
         omegas, _ = solve_experts(remote, params)
         before = remote.placement()[1]["pid"]
         ray.kill(remote.actors[1], no_restart=False)
+        _wait_gone(before)
         (got,) = torch.autograd.grad(sum((w**2).sum() for w in omegas), basis)
         assert remote.placement()[1]["pid"] != before and remote.restarts == 1
         torch.testing.assert_close(got, expected)
