@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from flows.errors import UserError
+
 AddressOption = Annotated[
     str | None,
     typer.Option(
@@ -77,6 +79,18 @@ def register(app, reports_errors, out, err) -> None:
         """Run a job on a Ray cluster: spec and code travel with it, runs go to its MLflow."""
         from flows import submit as sub_mod
 
+        only_kubernetes = {
+            "--image": image is not None,
+            "--gpu-workers": gpu_workers != 0,
+            "--cpu-workers": cpu_workers != 1,
+            "--namespace": namespace is not None,
+        }
+        if not kubernetes and any(only_kubernetes.values()):
+            given = ", ".join(k for k, v in only_kubernetes.items() if v)
+            raise UserError(
+                f"{given}: for a RayJob on Kubernetes only; add --kubernetes (without it the "
+                "job goes to the Ray cluster at --address / RAY_ADDRESS)"
+            )
         prepared = sub_mod.prepare(spec, set_ or [], job, submission_id, env or [], job_args or [])
         if not kubernetes and "PHYSFLOW_STORAGE" not in prepared.env:
             err.print(

@@ -129,6 +129,16 @@ def _group(name: str, n: int, pod: dict) -> dict[str, Any]:
             "rayStartParams": {}, "template": pod}  # fmt: skip
 
 
+def image_matches_ray(image: str, version: str) -> bool:
+    """rayproject/ray:<version>-… or an image whose tag names ray<version>."""
+    tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
+    return (
+        tag.startswith(version)
+        and tag[len(version) : len(version) + 1] in ("", "-")
+        or (f"ray{version}" in tag)
+    )
+
+
 def _ray_pod(image: str, container: str, account: str, size: dict[str, str]) -> dict[str, Any]:
     resources = {**size, "ephemeral-storage": "10Gi"}
     return {
@@ -208,6 +218,11 @@ class KubeRayJobs:
             raise UserError(
                 f"--image: which physflow image runs the job? e.g. "
                 f"<registry>/physflow:0.1.0-ray{RAY_VERSION} (or set PHYSFLOW_IMAGE)"
+            )
+        if not image_matches_ray(image, RAY_VERSION):
+            raise UserError(
+                f"--image {image}: its tag does not carry Ray {RAY_VERSION}, the cluster's "
+                f"rayVersion; e.g. <registry>/physflow:0.1.0-ray{RAY_VERSION}"
             )
         name = rayjob_name(sub)
         body = rayjob_manifest(sub, name, image, gpu_workers, cpu_workers)

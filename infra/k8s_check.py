@@ -36,6 +36,8 @@ from typing import Any
 
 import yaml
 
+from flows.submit_kubernetes import image_matches_ray  # what submit checks too
+
 ROOT = Path(__file__).resolve().parent.parent
 OVERLAYS = ROOT / "k8s" / "overlays"
 DOCKERFILE = ROOT / "infra" / "Dockerfile"
@@ -306,16 +308,6 @@ def _cluster_rules(spec: dict[str, Any]) -> list[str]:
     return problems
 
 
-def image_matches_ray(image: str, version: str) -> bool:
-    """rayproject/ray:<version>-… or an image whose tag names ray<version>."""
-    tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
-    return (
-        tag.startswith(version)
-        and tag[len(version) : len(version) + 1] in ("", "-")
-        or (f"ray{version}" in tag)
-    )
-
-
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
 
@@ -475,7 +467,9 @@ def check(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--overlays", type=Path, default=OVERLAYS)
+    parser.add_argument(
+        "--overlays", type=Path, default=OVERLAYS, help="a folder of overlays, or one overlay"
+    )
     parser.add_argument("--schemas", type=Path, default=SCHEMAS)
     parser.add_argument("--dockerfile", type=Path, default=DOCKERFILE)
     parser.add_argument(
@@ -484,7 +478,16 @@ def main(argv: list[str] | None = None) -> int:
         help="checkov executable (its own virtualenv) [env: CHECKOV]; without it, no checkov",
     )
     args = parser.parse_args(argv)
-    overlays = sorted(p for p in args.overlays.iterdir() if (p / "kustomization.yaml").is_file())
+    if (args.overlays / "kustomization.yaml").is_file():  # one overlay
+        overlays = [args.overlays]
+    elif args.overlays.is_dir():
+        overlays = sorted(
+            p for p in args.overlays.iterdir() if (p / "kustomization.yaml").is_file()
+        )
+    else:
+        overlays = []
+    if not overlays:
+        parser.error(f"--overlays {args.overlays}: no kustomization.yaml in it or its folders")
     report = check(overlays, args.schemas, args.checkov, args.dockerfile)
     for finding in report.failures:
         print(finding)

@@ -201,3 +201,12 @@ def test_hadolint_fails_on_a_bad_dockerfile(tmp_path):
     bad.write_text("FROM rayproject/ray:latest\nRUN pip install torch\n")
     found = [str(f) for f in k8s_check.run_hadolint(bad)]
     assert any("DL3007" in f for f in found) and any("DL3013" in f for f in found), found
+
+
+def test_an_overlays_path_without_kustomizations_is_one_line(capsys):
+    from infra.k8s_check import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--overlays", "k8s/overlays/nope"])
+    assert stop.value.code == 2
+    assert "--overlays k8s/overlays/nope: no kustomization.yaml" in capsys.readouterr().err

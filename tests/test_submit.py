@@ -158,6 +158,11 @@ def test_token_from_a_file(cluster, tmp_path, monkeypatch):
         (["submit", "{spec}", "--set", "samples=-1"], 2, "samples: Input should be"),
         (["submit", "{spec}", "--env", "AWS_SECRET_ACCESS_KEY=x"], 2, "credentials are not"),
         (["submit", "{spec}", "--job", "nope"], 2, "--job 'nope': expected one of"),
+        (
+            ["submit", "{spec}", "--image", "r/physflow:0.1.0-ray2.60.0", "--gpu-workers", "2"],
+            2,
+            "--image, --gpu-workers: for a RayJob on Kubernetes only; add --kubernetes",
+        ),
     ],
 )
 def test_mistakes_are_one_line(cluster, tmp_path, args, code, message):

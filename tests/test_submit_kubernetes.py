@@ -224,6 +224,11 @@ def test_no_image_and_no_cluster_are_one_line_errors(standin, spec, monkeypatch,
     monkeypatch.delenv("PHYSFLOW_IMAGE")
     result = physflow("submit", spec, "--kubernetes")
     assert result.exit_code == 2 and "--image: which physflow image" in result.output
+    for image in ("reg/physflow:latest", "reg/physflow:0.1.0-ray2.59.0", "reg/physflow"):
+        result = physflow("submit", spec, "--kubernetes", "--image", image)
+        assert result.exit_code == 2 and f"--image {image}: its tag does not carry Ray 2.60.0" in (
+            result.output
+        ), result.output
     standin.shutdown()
     standin.server_close()
     result = physflow("jobs", "--kubernetes")
