@@ -163,12 +163,14 @@ def _ray_pod(image: str, container: str, account: str, size: dict[str, str]) -> 
                     },
                     "volumeMounts": [
                         {"name": "tmp", "mountPath": "/tmp"},
+                        {"name": "cache", "mountPath": "/home/ray/.cache"},
                         {"name": "shm", "mountPath": "/dev/shm"},
                     ],
                 }
             ],
             "volumes": [
                 {"name": "tmp", "emptyDir": {"sizeLimit": "8Gi"}},
+                {"name": "cache", "emptyDir": {"sizeLimit": "1Gi"}},  # read-only root: ~/.cache
                 {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
             ],
         }

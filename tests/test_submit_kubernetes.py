@@ -185,6 +185,15 @@ def test_submit_follow_creates_a_valid_rayjob_follows_it_and_cleans_up(standin, 
     assert env["PHYSFLOW_STORAGE"] == "s3://physflow/trial"  # only what --env gave
     assert "MLFLOW_TRACKING_URI" not in env and "AWS_SECRET_ACCESS_KEY" not in env
     assert spec_["metadata"]["physflow.spec_digest"]
+    # every pod mounts what the static RayCluster's head mounts (and the spec): the root is
+    # read-only, so /tmp, ~/.cache (matplotlib's, torch's) and /dev/shm are volumes
+    static = next(
+        d for d in yaml.safe_load_all(open("k8s/base/raycluster.yaml")) if d["kind"] == "RayCluster"
+    )
+    head = static["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    wanted = {m["mountPath"] for m in head["volumeMounts"]}
+    for _, pod in pod_specs(rayjob):
+        assert wanted <= {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
 
     # The spec travels in a ConfigMap that its RayJob owns.
     cm = next(b for m, p, _, b in standin.calls if p.endswith("/configmaps"))
