@@ -73,6 +73,10 @@ PASSED_ENV = (
     "PHYSFLOW_DASK_ADDRESS",
 )
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD")
+# Any other name that says it holds a credential (RAY_AUTH_TOKEN, POSTGRES_PASSWORD, ...)
+SECRET_NAME = re.compile(
+    r"(?:^|_)(?:SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIALS?|PRIVATE_KEY|API_KEY)(?:_|$)", re.I
+)
 ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 SPEC_FILE = "spec.yaml"
 CODE_PACKAGES = ("flows", "actors")
@@ -125,6 +129,13 @@ def prepare(
     name = str(resolved.get("name") or Path(spec_path).stem)
     explicit = _parse_env(env)
     job_env = {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)}
+    for key, value in job_env.items():
+        if _has_password(value):
+            raise UserError(
+                f"{key} holds a password (user:password@ in the URL): it would be stored in "
+                f"the job's record; set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+                f"on the cluster instead and give the URL without it"
+            )
     job_env.update(explicit)
     default_id = f"physflow-{job}-{_slug(name)}-{_digest(spec_digest + code_digest)[:10]}"
     if submission_id is not None and not SUBMISSION_ID.fullmatch(submission_id):
@@ -211,7 +222,7 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
         key, sep, value = text.partition("=")
         if not sep or not key:
             raise UserError(f"--env {text!r}: expected NAME=value")
-        if key in SECRET_ENV:
+        if key in SECRET_ENV or SECRET_NAME.search(key) or _has_password(value):
             raise UserError(
                 f"--env {key}: credentials are not sent with a job (they would be stored "
                 f"in its record); give them to the cluster instead (a Secret, or the "
@@ -219,6 +230,16 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
             )
         out[key] = value
     return out
+
+
+def _has_password(value: str) -> bool:
+    """A URL with a password in it (scheme://user:password@host...)."""
+    from urllib.parse import urlsplit
+
+    try:
+        return "://" in value and urlsplit(value).password is not None
+    except ValueError:
+        return False
 
 
 def code_fingerprint() -> str:

@@ -157,6 +157,13 @@ def test_token_from_a_file(cluster, tmp_path, monkeypatch):
         (["status", "no-such-job"], 2, "no job 'no-such-job'"),
         (["submit", "{spec}", "--set", "samples=-1"], 2, "samples: Input should be"),
         (["submit", "{spec}", "--env", "AWS_SECRET_ACCESS_KEY=x"], 2, "credentials are not"),
+        (["submit", "{spec}", "--env", "RAY_AUTH_TOKEN=x"], 2, "credentials are not"),
+        (["submit", "{spec}", "--env", "POSTGRES_PASSWORD=x"], 2, "credentials are not"),
+        (
+            ["submit", "{spec}", "--env", "MLFLOW_TRACKING_URI=http://admin:pw@127.0.0.1:5000"],
+            2,
+            "credentials are not",
+        ),
         (["submit", "{spec}", "--job", "nope"], 2, "--job 'nope': expected one of"),
         (
             ["submit", "{spec}", "--image", "r/physflow:0.1.0-ray2.60.0", "--gpu-workers", "2"],
@@ -172,6 +179,19 @@ def test_mistakes_are_one_line(cluster, tmp_path, args, code, message):
     assert result.exit_code == code, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_password_in_the_shells_tracking_uri_is_not_sent(tmp_path, monkeypatch):
+    from flows.submit import prepare
+
+    spec = spec_file(tmp_path, "pw")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://admin:pw@127.0.0.1:5000")
+    with pytest.raises(UserError, match="MLFLOW_TRACKING_URI holds a password"):
+        prepare(spec)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    sent = prepare(spec, env=["TOKENIZERS_PARALLELISM=false"])  # a name, not a credential
+    assert sent.env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
+    assert sent.explicit_env["TOKENIZERS_PARALLELISM"] == "false"
 
 
 def test_the_default_id_is_the_same_for_the_same_spec_and_code(tmp_path):
