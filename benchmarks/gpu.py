@@ -44,17 +44,24 @@ import torch
 
 from actors.constraint import LMOptions
 from actors.experts import InProcessExperts
+from actors.pde.diffusion_sorption import DiffusionSorption, cell_centres
 from actors.surrogate import PDESurrogate
 
 PAPER = dict(nt=101, nx=1024, width=64, layers=5, modes=8, basis=16, batch=6, points=80_000)
 TINY = dict(nt=9, nx=32, width=8, layers=2, modes=4, basis=6, batch=2, points=200)
 
 
+def synchronize(device: str) -> None:
+    """Wait for the device's queued kernels (GPU work runs asynchronously: unsynchronised,
+    its time lands wherever the host next waits)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 @dataclass
 class SyncedExperts:
     """In-process experts whose solve and backward are timed with the device synchronised
-    before and after (GPU kernels run asynchronously: unsynchronised, their time lands
-    wherever the host next waits)."""
+    before and after."""
 
     inner: InProcessExperts
     seconds: float = 0.0  # the latest step's solve + backward
@@ -62,23 +69,19 @@ class SyncedExperts:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def _sync(self) -> None:
-        if self.inner.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     def solve(self, params):
-        self._sync()
+        synchronize(self.inner.device)
         t0 = time.perf_counter()
         solved = self.inner.solve(params)
-        self._sync()
+        synchronize(self.inner.device)
         self.seconds = time.perf_counter() - t0
         return solved
 
     def vjp(self, token, omegas, omega_bars):
-        self._sync()
+        synchronize(self.inner.device)
         t0 = time.perf_counter()
         grads = self.inner.vjp(token, omegas, omega_bars)
-        self._sync()
+        synchronize(self.inner.device)
         self.seconds += time.perf_counter() - t0
         return grads
 
@@ -87,7 +90,7 @@ def build(kind: str, size: dict, device: str, precision: str = "float64") -> PDE
     experts = 4 if kind == "moe" else 1
     grids = {
         "t": torch.linspace(0.0, 500.0, size["nt"], dtype=torch.float64),
-        "x": (torch.arange(size["nx"], dtype=torch.float64) + 0.5) / size["nx"],
+        "x": torch.from_numpy(cell_centres(size["nx"])),  # the simulator's cells
     }
     model = PDESurrogate(
         kind=kind,
@@ -129,10 +132,6 @@ class Trainer:
         self.record: dict[str, list[float]] = {"step": [], "experts": [], "iterations": []}
         self.loss: list[float] = []
 
-    def _sync(self) -> None:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
     def train(self, until: int, halve_every: int, deadline: float | None = None) -> None:
         """Steps up to step `until` (counted from the first), or until `deadline`
         (perf_counter seconds) has passed."""
@@ -146,14 +145,14 @@ class Trainer:
                 np.repeat(self.rng.uniform(0.0, 0.2, size=(size["batch"], 1)), size["nx"], axis=1)
             ).float()
             generator = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
-            self._sync()
+            synchronize(self.device)
             t0 = time.perf_counter()
             loss, _, solved = model.loss(initial, generator)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             self.optimizer.step()
-            self._sync()
+            synchronize(self.device)
             self.record["step"].append(time.perf_counter() - t0)
             self.record["experts"].append(model.executor.seconds)
             d = solved.diagnostics
@@ -183,13 +182,10 @@ def test_set(size: dict, samples: int, seed: int = 1) -> tuple[torch.Tensor, tor
     """`samples` solutions of the simulator behind the data sets (PDEBench's values), one
     constant u0 ~ U(0, 0.2) each, on the benchmark's grid -> (initial (S, nx) float32,
     truth (S, nt, nx) float64). Drawn from their own seed: none is a training draw."""
-    from actors.pde.diffusion_sorption import DiffusionSorption, cell_centres
-
     times = np.linspace(0.0, 500.0, size["nt"])
     u0 = np.random.default_rng([seed, 7]).uniform(0.0, 0.2, samples)
     pde, n = DiffusionSorption(), size["nx"]
     truth = np.stack([pde.simulate(np.full(n, v), times) for v in u0])
-    assert np.allclose(cell_centres(n), (np.arange(n) + 0.5) / n)  # build()'s grid
     return torch.from_numpy(truth[:, 0]).float(), torch.from_numpy(truth)
 
 
