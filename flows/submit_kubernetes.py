@@ -6,7 +6,10 @@ own, created through the Kubernetes API (kubeconfig or in-cluster identity), the
 ConfigMap owned by the RayJob. There the image's code runs, and the settings and credentials
 are the pods' own (Secrets); only `--env` travels. The RayJob's cluster is token-
 authenticated, its pods non-root with equal requests and limits, and KubeRay deletes it
-after the job; deleting the RayJob stops the job.
+after the job; deleting the RayJob stops the job. Its submitter pod (the Job that runs
+`ray job submit`) is ours too: KubeRay's default one has no securityContext, which the
+namespace's restricted Pod Security refuses, and no label a NetworkPolicy could let through
+to the head.
 
 Every failure a person can meet (no Kubernetes configuration, no image, a RayJob already
 there, none found, access refused) becomes one `UserError` line.
@@ -57,6 +60,9 @@ CLUSTER_ENV = [
         "valueFrom": {"secretKeyRef": {"name": "physflow-s3", "key": "secret-key"}},
     },  # noqa: E501
 ]
+# The submitter pods' labels: `physflow.io/ray-client` is what k8s/base/networkpolicies.yaml
+# lets reach a Ray head's job API (8265).
+SUBMITTER_LABELS = {"app.kubernetes.io/part-of": "physflow", "physflow.io/ray-client": "true"}
 DEPLOYMENT_TO_STATUS = {"Complete": "SUCCEEDED", "Failed": "FAILED"}
 
 
@@ -104,6 +110,7 @@ def rayjob_manifest(
         "spec": {
             "entrypoint": sub.entrypoint(f"{SPEC_MOUNT}/{SPEC_FILE}"),
             "submissionMode": "K8sJobMode",
+            "submitterPodTemplate": submitter_pod(image, job=sub.job),
             "jobId": sub.submission_id,
             "metadata": dict(sub.metadata),
             "runtimeEnvYAML": yaml.safe_dump({"env_vars": dict(sub.explicit_env)}),
@@ -139,8 +146,27 @@ def image_matches_ray(image: str, version: str) -> bool:
     )
 
 
-def _ray_pod(image: str, container: str, account: str, size: dict[str, str]) -> dict[str, Any]:
-    resources = {**size, "ephemeral-storage": "10Gi"}
+def submitter_pod(image: str, job: str | None = None) -> dict[str, Any]:
+    """The pod that runs `ray job submit` (KubeRay fills its command, the head's address and,
+    the cluster being token-authenticated, RAY_AUTH_TOKEN from the cluster's Secret)."""
+    pod = _ray_pod(image, "ray-job-submitter", "physflow-ray-submitter",
+                   {"cpu": "500m", "memory": "1Gi"}, ephemeral="1Gi")  # fmt: skip
+    container = pod["spec"]["containers"][0]
+    container.pop("env")  # it needs no credential: the operator adds what it needs
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != "shm"]
+    pod["spec"]["volumes"] = [
+        {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
+        {"name": "cache", "emptyDir": {"sizeLimit": "256Mi"}},
+    ]
+    pod["spec"]["restartPolicy"] = "Never"
+    labels = dict(SUBMITTER_LABELS, **({"physflow.io/job": job} if job else {}))
+    return {"metadata": {"labels": labels}, **pod}
+
+
+def _ray_pod(
+    image: str, container: str, account: str, size: dict[str, str], ephemeral: str = "10Gi"
+) -> dict[str, Any]:
+    resources = {**size, "ephemeral-storage": ephemeral}
     return {
         "spec": {
             "serviceAccountName": account,

@@ -11,7 +11,8 @@ and its documents go through:
 3. the rules the KubeRay operator enforces that a schema cannot (`kuberay_rules`);
 4. pod rules on every pod template, custom resources included (checkov reads only the
    built-in workloads): limits, non-root, no privilege escalation, capabilities dropped,
-   credentials only by reference;
+   credentials only by reference; and the NetworkPolicies, evaluated: each RayJob's
+   submitter pod may reach its head's job API and DNS (`network_rules`);
 5. checkov on the rendered YAML, with the skips in CHECKOV_SKIPS (each with its reason);
 6. hadolint on the Dockerfile.
 
@@ -250,6 +251,19 @@ def kuberay_rules(doc: dict[str, Any]) -> list[str]:
             spec.get("submitterPodTemplate") or spec.get("clusterSelector")
         ):
             problems.append("SidecarMode takes no submitterPodTemplate and no clusterSelector")
+        submitter = spec.get("submitterPodTemplate")
+        if mode == "K8sJobMode" and not submitter:
+            problems.append(
+                "K8sJobMode without submitterPodTemplate: KubeRay's default submitter pod has "
+                "no securityContext, which restricted Pod Security refuses"
+            )
+        if submitter:
+            restart = (submitter.get("spec") or {}).get("restartPolicy")
+            if restart not in ("Never", "OnFailure"):
+                problems.append(
+                    f"submitterPodTemplate: restartPolicy {restart!r}; a Job's pods need "
+                    "Never or OnFailure"
+                )
         if mode == "InteractiveMode" and (spec.get("backoffLimit") or 0) > 0:
             problems.append("backoffLimit is incompatible with InteractiveMode")
         if spec.get("rayClusterSpec"):
@@ -325,8 +339,11 @@ def pod_specs(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
         yield "spec", spec
     elif kind == "RayCluster":
         yield from _ray_pods(spec, "spec")
-    elif kind == "RayJob" and spec.get("rayClusterSpec"):
-        yield from _ray_pods(spec["rayClusterSpec"], "spec.rayClusterSpec")
+    elif kind == "RayJob":
+        if spec.get("rayClusterSpec"):
+            yield from _ray_pods(spec["rayClusterSpec"], "spec.rayClusterSpec")
+        if spec.get("submitterPodTemplate"):
+            yield "spec.submitterPodTemplate", _pod({"template": spec["submitterPodTemplate"]})
     elif kind == "DaskJob":
         yield "spec.job.spec", (spec.get("job") or {}).get("spec") or {}
         cluster = ((spec.get("cluster") or {}).get("spec")) or {}
@@ -366,6 +383,113 @@ def pod_rules(pod: dict[str, Any]) -> list[str]:
                     f"{name}: env {env['name']} is inlined; take it from a Secret (secretKeyRef)"
                 )
     return problems
+
+
+# The NetworkPolicies, evaluated for the flows a RayJob needs ------------------------------
+
+JOB_API = 8265
+# What KubeRay puts on a head pod beside its template's labels.
+HEAD_LABELS = {"ray.io/node-type": "head", "ray.io/is-ray-node": "yes",
+               "app.kubernetes.io/created-by": "kuberay-operator"}  # fmt: skip
+DNS = ("kube-system", {"k8s-app": "kube-dns"})
+
+
+def network_rules(docs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(where, problem) for each RayJob whose submitter pod the rendered NetworkPolicies
+    would stop from reaching its head's job API (TCP 8265) or the cluster DNS (UDP 53)."""
+    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
+    problems = []
+    for doc in docs:
+        spec = doc.get("spec") or {}
+        if doc.get("kind") != "RayJob" or spec.get("submissionMode", "K8sJobMode") != "K8sJobMode":
+            continue
+        ns = (doc.get("metadata") or {}).get("namespace", "default")
+        name = (doc.get("metadata") or {}).get("name", "?")
+        # A Job's pods carry their template's labels and the Job controller's.
+        template = (spec.get("submitterPodTemplate") or {}).get("metadata") or {}
+        labels = {**(template.get("labels") or {}),
+                  "job-name": name, "batch.kubernetes.io/job-name": name}  # fmt: skip
+        group = (spec.get("rayClusterSpec") or {}).get("headGroupSpec") or {}
+        head = {**((group.get("template") or {}).get("metadata") or {}).get("labels", {}),
+                **HEAD_LABELS}  # fmt: skip
+        submitter, head_pod = (ns, labels), (ns, head)
+        where = f"RayJob/{name}"
+        if not allowed(policies, submitter, head_pod, JOB_API, "TCP"):
+            problems.append((where, f"NetworkPolicies stop its submitter pod (labels {labels}) "
+                                    f"from reaching the head's job API ({JOB_API})"))  # fmt: skip
+        if not allowed(policies, submitter, DNS, 53, "UDP", ingress=False):
+            problems.append((where, "NetworkPolicies stop its submitter pod from reaching DNS"))
+    return problems
+
+
+def allowed(policies, source, target, port: int, protocol: str, ingress: bool = True) -> bool:
+    """Whether traffic from `source` to `target` ((namespace, pod labels) each) on `port`
+    passes: the source's egress, and (`ingress`) the target's ingress. A pod that no policy
+    of a direction selects is open in that direction."""
+    return _passes(policies, "Egress", source, target, port, protocol) and (
+        not ingress or _passes(policies, "Ingress", target, source, port, protocol)
+    )
+
+
+def _passes(policies, direction: str, pod, peer, port: int, protocol: str) -> bool:
+    ns, labels = pod
+    selecting = [
+        p for p in policies
+        if (p.get("metadata") or {}).get("namespace", "default") == ns
+        and _selects((p.get("spec") or {}).get("podSelector") or {}, labels)
+        and direction in _types(p.get("spec") or {})
+    ]  # fmt: skip
+    if not selecting:
+        return True
+    key = "egress" if direction == "Egress" else "ingress"
+    side = "to" if direction == "Egress" else "from"
+    for policy in selecting:
+        for rule in (policy.get("spec") or {}).get(key) or []:
+            peers = rule.get(side)
+            ports = rule.get("ports")
+            if peers is not None and not any(_peer(p, peer, ns) for p in peers):
+                continue
+            if ports is None or any(
+                p.get("protocol", "TCP") == protocol and p.get("port") in (None, port)
+                for p in ports
+            ):
+                return True
+    return False
+
+
+def _types(spec: dict) -> list[str]:
+    if "policyTypes" in spec:
+        return spec["policyTypes"]
+    return ["Ingress"] + (["Egress"] if "egress" in spec else [])
+
+
+def _peer(peer: dict, pod, own_ns: str) -> bool:
+    ns, labels = pod
+    if "ipBlock" in peer:
+        return False  # pods are addressed by selectors here
+    if "namespaceSelector" in peer:
+        if not _selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": ns}):
+            return False
+    elif ns != own_ns:
+        return False
+    return _selects(peer.get("podSelector") or {}, labels)
+
+
+def _selects(selector: dict, labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels and matchExpressions) against a pod's labels."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e["key"], e["operator"], e.get("values") or []
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
 
 
 def inlined_secrets(doc: dict[str, Any]) -> list[str]:
@@ -424,7 +548,8 @@ def check_documents(
     if schemas is not None:
         checks.append("CRD schemas (strict)")
         found += check_custom(docs, schemas, where)
-    checks += ["KubeRay rules", "pod rules", "no inlined secrets"]
+    checks += ["KubeRay rules", "pod rules", "network policies", "no inlined secrets"]
+    found += [Finding("network", f"{where}/{w}", p) for w, p in network_rules(docs)]
     for doc in docs:
         at = f"{where}/{name_of(doc)}"
         found += [Finding("kuberay", at, p) for p in kuberay_rules(doc)]

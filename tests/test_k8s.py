@@ -9,11 +9,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from infra import k8s_check
 from infra.k8s_check import (
     OVERLAYS,
     SCHEMAS,
+    allowed,
     check,
     check_documents,
     image_matches_ray,
@@ -147,6 +149,41 @@ def _broken(docs, kind, name, change):
             lambda d: d["spec"].pop("authOptions"),
             "authOptions.mode must be token",
         ),
+        # The submitter pod: KubeRay's default would be refused; ours must be let through.
+        (
+            "RayJob",
+            "physflow-train",
+            lambda d: d["spec"].pop("submitterPodTemplate"),
+            "K8sJobMode without submitterPodTemplate",
+        ),
+        (
+            "RayJob",
+            "physflow-pbt",
+            lambda d: d["spec"]["submitterPodTemplate"]["spec"].update(restartPolicy="Always"),
+            "restartPolicy 'Always'; a Job's pods need Never or OnFailure",
+        ),
+        (
+            "RayJob",
+            "physflow-nas",
+            lambda d: d["spec"]["submitterPodTemplate"]["spec"]["containers"][0][
+                "securityContext"
+            ].pop("allowPrivilegeEscalation"),
+            "(spec.submitterPodTemplate)",
+        ),
+        (
+            "RayJob",
+            "physflow-nas",
+            lambda d: d["spec"]["submitterPodTemplate"]["metadata"]["labels"].pop(
+                "physflow.io/ray-client"
+            ),
+            "RayJob/physflow-nas: NetworkPolicies stop its submitter pod",
+        ),
+        (
+            "NetworkPolicy",
+            "allow-dns",
+            lambda d: d["spec"]["egress"][0]["ports"].pop(0),  # UDP 53
+            "RayJob/physflow-train: NetworkPolicies stop its submitter pod from reaching DNS",
+        ),
         # Security by default.
         (
             "StatefulSet",
@@ -169,6 +206,53 @@ def _broken(docs, kind, name, change):
 def test_each_mistake_is_caught(gpu_docs, schemas, kind, name, change, expected):
     found, _ = check_documents(_broken(gpu_docs, kind, name, change), "gpu", schemas)
     assert any(expected in str(f) for f in found), [str(f) for f in found]
+
+
+POLICIES = list(
+    yaml.safe_load_all("""
+kind: NetworkPolicy
+metadata: {name: deny, namespace: a}
+spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
+---
+kind: NetworkPolicy
+metadata: {name: api, namespace: a}
+spec:
+  podSelector: {matchLabels: {role: api}}
+  ingress:
+    - from:
+        - podSelector:
+            matchExpressions:
+              - {key: tier, operator: In, values: [front, edge]}
+              - {key: banned, operator: DoesNotExist}
+        - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: ops}}
+      ports: [{port: 8265}]
+---
+kind: NetworkPolicy
+metadata: {name: clients, namespace: a}
+spec:
+  podSelector: {matchExpressions: [{key: tier, operator: Exists}]}
+  policyTypes: [Egress]
+  egress:
+    - to: [{podSelector: {matchLabels: {role: api}}}]
+""")
+)
+
+
+@pytest.mark.parametrize(
+    ("source", "port", "ok"),
+    [
+        (("a", {"tier": "front"}), 8265, True),
+        (("a", {"tier": "edge"}), 8265, True),
+        (("a", {"tier": "front"}), 8266, False),  # not the port the api admits
+        (("a", {"tier": "back"}), 8265, False),  # In: another value
+        (("a", {"tier": "front", "banned": "x"}), 8265, False),  # DoesNotExist
+        (("a", {"role": "x"}), 8265, False),  # no egress: only default-deny selects it
+        (("ops", {"any": "pod"}), 8265, True),  # another namespace, no policy there
+        (("b", {"any": "pod"}), 8265, False),  # a namespace the api does not admit
+    ],
+)
+def test_network_policies_are_evaluated_as_kubernetes_does(source, port, ok):
+    assert allowed(POLICIES, source, ("a", {"role": "api"}), port, "TCP") is ok
 
 
 def test_an_inlined_secret_is_refused(gpu_docs, schemas):

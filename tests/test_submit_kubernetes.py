@@ -4,6 +4,7 @@ in for the Kubernetes API (no API server can run here), which records them."""
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,7 +16,16 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.submit_kubernetes import KubeRayJobs
-from infra.k8s_check import SCHEMAS, kuberay_rules, load_crd_schemas, pod_rules, pod_specs
+from infra.k8s_check import (
+    OVERLAYS,
+    SCHEMAS,
+    kuberay_rules,
+    load_crd_schemas,
+    network_rules,
+    pod_rules,
+    pod_specs,
+    render,
+)
 from infra.k8s_check import schema_errors as crd_errors
 
 runner = CliRunner()
@@ -192,8 +202,21 @@ def test_submit_follow_creates_a_valid_rayjob_follows_it_and_cleans_up(standin, 
     )
     head = static["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     wanted = {m["mountPath"] for m in head["volumeMounts"]}
-    for _, pod in pod_specs(rayjob):
-        assert wanted <= {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    for path, pod in pod_specs(rayjob):
+        if path != "spec.submitterPodTemplate":
+            assert wanted <= {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+
+    # Its submitter pod is the RayJob templates' (k8s/base/rayjobs.yaml), and the namespace's
+    # NetworkPolicies let it reach its head's job API and DNS.
+    rendered = render(OVERLAYS / "dev")
+    template = next(d for d in rendered if d["kind"] == "RayJob")["spec"]["submitterPodTemplate"]
+    mine = copy.deepcopy(spec_["submitterPodTemplate"])
+    assert mine["metadata"]["labels"].pop("physflow.io/job") == "preprocess"
+    mine["spec"]["containers"][0]["image"] = template["spec"]["containers"][0]["image"]
+    assert mine == template
+    policies = [d for d in rendered if d["kind"] == "NetworkPolicy"]
+    placed = dict(rayjob, metadata=dict(rayjob["metadata"], namespace="physflow"))
+    assert network_rules([placed, *policies]) == []
 
     # The spec travels in a ConfigMap that its RayJob owns.
     cm = next(b for m, p, _, b in standin.calls if p.endswith("/configmaps"))
