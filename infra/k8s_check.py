@@ -11,8 +11,9 @@ and its documents go through:
 3. the rules the KubeRay operator enforces that a schema cannot (`kuberay_rules`);
 4. pod rules on every pod template, custom resources included (checkov reads only the
    built-in workloads): limits, non-root, no privilege escalation, capabilities dropped,
-   credentials only by reference; and the NetworkPolicies, evaluated: each RayJob's
-   submitter pod may reach its head's job API and DNS (`network_rules`);
+   credentials only by reference; and the NetworkPolicies, evaluated for every flow the
+   system needs (`network_rules`): DNS, Ray and Dask to MLflow and the S3 store, MLflow to
+   PostgreSQL, each RayJob's submitter pod to its head's job API;
 5. checkov on the rendered YAML, with the skips in CHECKOV_SKIPS (each with its reason);
 6. hadolint on the Dockerfile.
 
@@ -395,31 +396,52 @@ DNS = ("kube-system", {"k8s-app": "kube-dns"})
 
 
 def network_rules(docs: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(where, problem) for each RayJob whose submitter pod the rendered NetworkPolicies
-    would stop from reaching its head's job API (TCP 8265) or the cluster DNS (UDP 53)."""
+    """(where, problem) for each flow the system needs that the rendered NetworkPolicies
+    would stop: every pod to DNS; Ray and Dask pods to MLflow and the S3 store, and among
+    themselves; MLflow to PostgreSQL and the S3 store; each RayJob's submitter pod to its
+    head's job API. Pods are known by the labels Kubernetes and the operators give them."""
     policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
-    problems = []
+    ns = next((d["metadata"]["namespace"] for d in policies if "namespace" in d["metadata"]),
+              "default")  # fmt: skip
+    app = {
+        n: (ns, {"app.kubernetes.io/name": f"physflow-{n}"}) for n in ("mlflow", "s3", "postgres")
+    }
+    worker = (ns, {"ray.io/node-type": "worker", "ray.io/is-ray-node": "yes"})
+    head = (ns, dict(HEAD_LABELS))
+    dask = {c: (ns, {"dask.org/cluster-name": "c", "dask.org/component": c})
+            for c in ("scheduler", "worker", "job-runner")}  # fmt: skip
+    flows = [
+        ("Ray worker -> Ray head (GCS)", worker, head, 6379, "TCP"),
+        ("Ray head -> Ray worker", head, worker, 10002, "TCP"),
+        *[(f"Ray {r} -> {a}", pod, app[a], port, "TCP")
+          for r, pod in (("head", head), ("worker", worker))
+          for a, port in (("mlflow", 5000), ("s3", 8333))],
+        *[(f"Dask {c} -> Dask scheduler", dask[c], dask["scheduler"], 8786, "TCP")
+          for c in ("worker", "job-runner")],
+        *[(f"Dask {c} -> {a}", dask[c], app[a], port, "TCP")
+          for c in ("worker", "job-runner") for a, port in (("mlflow", 5000), ("s3", 8333))],
+        ("MLflow -> PostgreSQL", app["mlflow"], app["postgres"], 5432, "TCP"),
+        ("MLflow -> S3 store", app["mlflow"], app["s3"], 8333, "TCP"),
+    ]  # fmt: skip
     for doc in docs:
         spec = doc.get("spec") or {}
         if doc.get("kind") != "RayJob" or spec.get("submissionMode", "K8sJobMode") != "K8sJobMode":
             continue
-        ns = (doc.get("metadata") or {}).get("namespace", "default")
         name = (doc.get("metadata") or {}).get("name", "?")
         # A Job's pods carry their template's labels and the Job controller's.
         template = (spec.get("submitterPodTemplate") or {}).get("metadata") or {}
         labels = {**(template.get("labels") or {}),
                   "job-name": name, "batch.kubernetes.io/job-name": name}  # fmt: skip
-        group = (spec.get("rayClusterSpec") or {}).get("headGroupSpec") or {}
-        head = {**((group.get("template") or {}).get("metadata") or {}).get("labels", {}),
-                **HEAD_LABELS}  # fmt: skip
-        submitter, head_pod = (ns, labels), (ns, head)
-        where = f"RayJob/{name}"
-        if not allowed(policies, submitter, head_pod, JOB_API, "TCP"):
-            problems.append((where, f"NetworkPolicies stop its submitter pod (labels {labels}) "
-                                    f"from reaching the head's job API ({JOB_API})"))  # fmt: skip
-        if not allowed(policies, submitter, DNS, 53, "UDP", ingress=False):
-            problems.append((where, "NetworkPolicies stop its submitter pod from reaching DNS"))
-    return problems
+        where = f"RayJob/{name}: its submitter pod (labels {labels})"
+        flows.append((f"{where} -> its head's job API", (ns, labels), head, JOB_API, "TCP"))
+    problems = []
+    for what, source, target, port, protocol in flows:
+        if not allowed(policies, source, target, port, protocol):
+            problems.append((what, f"NetworkPolicies stop {what} ({protocol} {port})"))
+    for what, source, *_ in flows:
+        if not allowed(policies, source, DNS, 53, "UDP", ingress=False):
+            problems.append((what, f"NetworkPolicies stop {what.split(' ->')[0]} -> DNS"))
+    return list(dict.fromkeys(problems))
 
 
 def allowed(policies, source, target, port: int, protocol: str, ingress: bool = True) -> bool:
@@ -549,7 +571,7 @@ def check_documents(
         checks.append("CRD schemas (strict)")
         found += check_custom(docs, schemas, where)
     checks += ["KubeRay rules", "pod rules", "network policies", "no inlined secrets"]
-    found += [Finding("network", f"{where}/{w}", p) for w, p in network_rules(docs)]
+    found += [Finding("network", where, p) for _, p in network_rules(docs)]
     for doc in docs:
         at = f"{where}/{name_of(doc)}"
         found += [Finding("kuberay", at, p) for p in kuberay_rules(doc)]

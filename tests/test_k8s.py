@@ -176,13 +176,31 @@ def _broken(docs, kind, name, change):
             lambda d: d["spec"]["submitterPodTemplate"]["metadata"]["labels"].pop(
                 "physflow.io/ray-client"
             ),
-            "RayJob/physflow-nas: NetworkPolicies stop its submitter pod",
+            "NetworkPolicies stop RayJob/physflow-nas: its submitter pod",
         ),
         (
             "NetworkPolicy",
             "allow-dns",
             lambda d: d["spec"]["egress"][0]["ports"].pop(0),  # UDP 53
-            "RayJob/physflow-train: NetworkPolicies stop its submitter pod from reaching DNS",
+            "NetworkPolicies stop Ray worker -> DNS",
+        ),
+        (
+            "NetworkPolicy",
+            "mlflow",
+            lambda d: d["spec"]["egress"].pop(0),
+            "NetworkPolicies stop MLflow -> PostgreSQL (TCP 5432)",
+        ),
+        (
+            "NetworkPolicy",
+            "dask",
+            lambda d: d["spec"]["egress"][1]["ports"][0].update(port=8334),
+            "NetworkPolicies stop Dask job-runner -> s3 (TCP 8333)",
+        ),
+        (
+            "NetworkPolicy",
+            "s3",
+            lambda d: d["spec"]["ingress"][0]["from"].pop(0),
+            "NetworkPolicies stop Ray head -> s3 (TCP 8333)",
         ),
         # Security by default.
         (
