@@ -4,6 +4,7 @@ checkpoint retention, and the spec's checks on search spaces. No Ray."""
 from __future__ import annotations
 
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -134,6 +135,26 @@ def test_a_checkpoint_is_kept_while_a_member_can_still_load_it():
     assert ledger.release() == ["a4"]
     ledger.set_latest(0, "a12")
     assert ledger.release(keep=frozenset({"a8"})) == []
+
+
+def test_a_step_saved_again_leaves_the_first_checkpoint_as_it_was(tmp_path):
+    # Asynchronous PBT: member 0 copied at step 4 goes back to a lagging donor's step 2 and
+    # reaches step 4 again, while the member that copied it may not have read it yet.
+    from actors.pbt.member import Member
+    from actors.pbt.toy import build
+    from flows.storage import Storage
+
+    store = Storage.at(str(tmp_path))
+    member = Member(0, build, 0, {"lr": 0.05}, store, "pbt")
+    first = member.train_until(4, {"h0": 1.0, "h1": 0.0})["checkpoint"]
+    copied = pickle.loads(store.read_bytes(first))
+    lagging = Member(1, build, 1, {"lr": 0.05}, store, "pbt")
+    lagging.train_until(2, {"h0": 0.0, "h1": 1.0})
+    member.load(lagging.state())
+    again = member.train_until(4, {"h0": 0.0, "h1": 1.0})["checkpoint"]
+    assert again != first
+    assert pickle.loads(store.read_bytes(first)) == copied
+    assert pickle.loads(store.read_bytes(again))["trainer"] != copied["trainer"]
 
 
 BASE = {

@@ -11,7 +11,10 @@ stops at the same step.
 
 Checkpoints: pickled `{"step", "hparams", "trainer": state_dict()}` written through
 `store` (any object with `write_bytes(path, data)` and `read_bytes(path)`, e.g. physflow's
-Storage: a local folder or S3, each write atomic) to `<folder>/member-MMM/step-SSSSSSS.pkl`.
+Storage: a local folder or S3, each write atomic) to
+`<folder>/member-MMM/step-SSSSSSS-<token>.pkl`. The token makes every checkpoint a new
+file: a member that has gone back to a lagging donor's step saves that step again, and
+another member told to copy the first one's weights may not have read them yet.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import pickle
 import posixpath
 import time
+import uuid
 from typing import Any
 
 from actors.pbt.space import Value
@@ -97,7 +101,8 @@ class Member:
         return self.load(self.store.read_bytes(path))
 
     def save(self, hparams: dict[str, Value]) -> str:
-        path = posixpath.join(self.folder, f"member-{self.member:03d}", f"step-{self.step:07d}.pkl")
+        name = f"step-{self.step:07d}-{uuid.uuid4().hex[:8]}.pkl"
+        path = posixpath.join(self.folder, f"member-{self.member:03d}", name)
         data = pickle.dumps(
             {"step": self.step, "hparams": dict(hparams), "trainer": self.trainer.state_dict()},
             protocol=5,
