@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.cli_group import (
+    OneLineUsage,
     Progress,
     RayAddressOption,
     SetOption,
@@ -30,6 +31,7 @@ from flows.cli_group import (
 from flows.errors import PhysflowError
 
 app = typer.Typer(
+    cls=OneLineUsage,
     name="physflow",
     help="Scientific-ML workflows: PDE data sets, hard-constrained experts, PBT and NAS.",
     no_args_is_help=True,

@@ -14,6 +14,8 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -60,6 +62,36 @@ def model_line(registered: str, model_uri: str | None) -> str:
     if version is None:
         return f"{model_uri} (registered as {registered!r})"
     return f"{version} (logged as {model_uri})"
+
+
+class OneLineUsage(TyperGroup):
+    """The root command: a usage mistake (a missing argument, an option out of range, an
+    unknown command) is one line on stderr naming the command, exit 2, as every other
+    mistake is; click's own is a usage block of four lines. (`physflow` alone still shows
+    the help.)"""
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_usage():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_usage():
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _one_line_usage() -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        # By class name: typer vendors click in some versions and not in others.
+        kinds = {c.__name__ for c in type(exc).__mro__}
+        if "UsageError" not in kinds or "NoArgsIsHelpError" in kinds:
+            raise
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "physflow"
+        print(f"{where}: {exc.format_message()} (see {where} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 class SpecOrCommand(TyperGroup):

@@ -115,6 +115,26 @@ def test_missing_things_exit_2(home, tmp_path):
         assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["trian"], "physflow: No such command 'trian'. Did you mean 'train'? (see physflow --help)"),
+        (["train"], "physflow train: Missing argument 'spec'. (see physflow train --help)"),
+        (["runs", "--limit", "0"], "physflow runs: Invalid value for '--limit': Input should be "
+                                   "greater than or equal to 1 (see physflow runs --help)"),
+        (["submit", "x.yaml", "--gpu-workers", "-1"], "physflow submit: Invalid value for "
+                                                      "'--gpu-workers'"),
+        (["pbt", "replay"], "physflow pbt replay: Missing argument 'source'."),
+        (["train", "x.yaml", "--bogus"], "physflow train: No such option: --bogus"),
+    ],
+)  # fmt: skip
+def test_a_usage_mistake_is_one_line_naming_the_command(args, line):
+    result = physflow(*args)
+    assert result.exit_code == 2
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith(line), result.output
+
+
 def test_corrupt_shard_exits_1(home, spec, dask_address):
     assert physflow("preprocess", str(spec), "--dask-address", dask_address).exit_code == 0
     shard = home / "datasets/tiny/v1/test/part-00000.parquet"
