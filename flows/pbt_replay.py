@@ -37,7 +37,7 @@ def load_lineage(source: str) -> dict[str, Any]:
             return json.load(f)
     from flows import tracking
 
-    tracking.ensure_experiment("pbt-replay")  # sets the tracking URI
+    tracking.connect()
     import mlflow
 
     source = tracking.full_run_id(source)  # its start, as `physflow runs` prints it

@@ -71,6 +71,13 @@ def _check_server(timeout_s: float = 5.0) -> None:
         raise UserError(f"MLflow at {uri}: cannot connect ({reason}; is the server up?)") from None
 
 
+def connect() -> None:
+    """Point MLflow's fluent API at the tracking store, failing with one line when a server
+    is not listening; creates nothing (reading an artifact needs no experiment)."""
+    _check_server()
+    _client()
+
+
 def ensure_experiment(name: str) -> str:
     """The id of experiment `name`, created (with embedded artifact root) if needed."""
     _check_server()

@@ -293,3 +293,5 @@ def test_cli_runs_and_reports_user_errors(home, ray_local):
         assert got.exit_code == 2, (args, got.output)
         assert message in got.output, (args, got.output)
         assert "Traceback" not in got.output and len(got.output.strip().splitlines()) == 1
+    # a replay that found nothing to replay leaves nothing behind in MLflow
+    assert mlflow.MlflowClient().get_experiment_by_name("pbt-replay") is None
