@@ -220,25 +220,18 @@ def run_preprocess(
     dask_address: str | None = None,
     workers: int | None = None,
     progress: ProgressFn | None = None,
+    plan: tuple | None = None,
 ) -> PreprocessResult:
-    """Build and publish the data set `spec` describes (no tracking; see `preprocess`)."""
+    """Build and publish the data set `spec` describes (no tracking; see `preprocess`);
+    `plan`: `_plan`'s answer, when the caller has it already."""
     from distributed import as_completed
 
     from flows.runtime import dask_client
 
     t0 = time.perf_counter()
-    folder = version_folder(storage, spec.name, spec.version)
-    digest = spec.digest()
-    existing = _existing(folder, spec, digest)
+    folder, digest, existing, info, n_samples = plan or _plan(spec, storage)
     if existing is not None:
         return PreprocessResult(existing, folder.url, 0, 0, 0.0, 0.0, 0.0, True)
-
-    info = spec.source.describe()
-    n_samples = spec.samples or info.available or 0
-    if info.available is not None and n_samples > info.available:
-        raise UserError(
-            f"samples: {n_samples} requested but {spec.ingest.path} holds {info.available}"
-        )
     tasks = plan_shards(n_samples, spec.test_fraction, spec.samples_per_task)
     if progress:
         progress(0, len(tasks))
@@ -270,6 +263,23 @@ def run_preprocess(
         produce_s=sum(r.produce_s for r in results),
         write_s=sum(r.write_s for r in results),
     )
+
+
+def _plan(spec: PreprocessSpec, storage: Storage):
+    """(folder, digest, the manifest already published or None, the source's description,
+    samples): what can refuse the job before any work, one `UserError` line each."""
+    folder = version_folder(storage, spec.name, spec.version)
+    digest = spec.digest()
+    existing = _existing(folder, spec, digest)
+    if existing is not None:
+        return folder, digest, existing, None, 0
+    info = spec.source.describe()
+    n_samples = spec.samples or info.available or 0
+    if info.available is not None and n_samples > info.available:
+        raise UserError(
+            f"samples: {n_samples} requested but {spec.ingest.path} holds {info.available}"
+        )
+    return folder, digest, None, info, n_samples
 
 
 def _existing(folder: Storage, spec: PreprocessSpec, digest: str) -> DatasetManifest | None:
@@ -345,6 +355,7 @@ def preprocess(
 
     storage = storage or Storage.from_env()
     run_name = f"{spec.name}-{spec.version}"
+    plan = _plan(spec, storage)  # a refused job opens no MLflow run
     with tracking.job_run(EXPERIMENT, run_name, spec.resolved()) as run:
         run.set_tags(
             {
@@ -353,7 +364,7 @@ def preprocess(
                 "dataset.storage": storage.url,
             }
         )
-        result = run_preprocess(spec, storage, dask_address, workers, progress)
+        result = run_preprocess(spec, storage, dask_address, workers, progress, plan)
         seconds = max(result.seconds, 1e-9)
         run.log_metrics(
             {

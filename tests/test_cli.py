@@ -99,6 +99,17 @@ def test_user_mistakes_exit_2_with_one_line(home, spec, args, message):
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_a_refused_preprocess_opens_no_mlflow_run(home, spec, dask_address):
+    import mlflow
+
+    args = ["preprocess", str(spec), "--dask-address", dask_address, "--set"]
+    assert physflow(*args, "samples=8").exit_code == 0
+    refused = physflow(*args, "samples=10")
+    assert refused.exit_code == 2 and "already published from a different spec" in refused.output
+    runs = mlflow.search_runs(experiment_names=["preprocess"], output_format="list")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+
+
 def test_missing_things_exit_2(home, tmp_path):
     cases = [
         (["preprocess", str(tmp_path / "nope.yaml")], "spec file not found"),
