@@ -43,25 +43,41 @@ class Solved:
 
 @dataclass
 class InProcessExperts:
-    """Every expert in this process, one after the other: tiny problems and tests."""
+    """Every expert in this process: tiny problems, tests, and a model on one GPU. With
+    `batched` (the default on a GPU) experts whose inputs have the same shapes solve as
+    one batch of all their problems (`ExpertSolver.solve_all`: the same solutions, one
+    launch of each kernel instead of one per expert); otherwise one after the other."""
 
     config: ExpertConfig
     num_experts: int
     device: str = "cpu"  # the model's: results stay there, no round trip through the host
+    batched: bool | None = None  # None: on a GPU
     restarts: int = 0
     last_vjp_seconds: float = 0.0  # wall time of the latest backward through the experts
     last_vjp_zeroed: int = 0  # problems whose implicit gradient the latest backward zeroed
     solvers: list[ExpertSolver] = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.batched is None:
+            self.batched = torch.device(self.device).type == "cuda"
         self.solvers = [
             ExpertSolver(self.config, self.device, keep_on_device=True)
             for _ in range(self.num_experts)
         ]
 
+    def _together(self, params: list[Params]) -> bool:
+        """Whether these experts' inputs can be solved as one batch."""
+        if not self.batched or len(params) < 2:
+            return False
+        shapes = {tuple((tuple(t.shape), t.dtype) for t in p) for p in params}
+        return len(shapes) == 1
+
     def solve(self, params: list[Params]) -> Solved:
         t0 = time.perf_counter()
-        out = [s.solve(p) for s, p in zip(self.solvers, params, strict=True)]
+        if self._together(params):
+            out = self.solvers[0].solve_all(params)
+        else:
+            out = [s.solve(p) for s, p in zip(self.solvers, params, strict=True)]
         return Solved(
             [o["omega"] for o in out],
             [o["diagnostics"] for o in out],
@@ -71,10 +87,13 @@ class InProcessExperts:
 
     def vjp(self, token: list[Params], omegas, omega_bars) -> list[tuple[torch.Tensor, ...]]:
         t0 = time.perf_counter()
-        out = [
-            s.vjp(p, w, wb)
-            for s, p, w, wb in zip(self.solvers, token, omegas, omega_bars, strict=True)
-        ]
+        if self._together(token):
+            out = self.solvers[0].vjp_all(token, list(omegas), list(omega_bars))
+        else:
+            out = [
+                s.vjp(p, w, wb)
+                for s, p, w, wb in zip(self.solvers, token, omegas, omega_bars, strict=True)
+            ]
         self.last_vjp_seconds = time.perf_counter() - t0
         self.last_vjp_zeroed = zeroed(out)
         return [o["grads"] for o in out]

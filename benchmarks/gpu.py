@@ -4,7 +4,8 @@
 
 For a machine with a GPU and nothing but torch, numpy and scipy (no Ray, MLflow, Dask or
 pydantic needed): the model is physflow's own (`actors.surrogate.PDESurrogate`), its
-experts solving in this process on the same device, one after another. The physics-only
+experts solving in this process on the same device, the MoE's four as one batch of all
+their problems (the in-process default on a GPU), and again one after another. The physics-only
 loss needs no data set: each step draws the batch's initial values as the data sets do
 (one U(0, 0.2) value per sample) and fresh collocation points.
 
@@ -21,7 +22,9 @@ Per kind: the step, the experts' part of it (solves and implicit backward, the d
 synchronised around each), the rest (FNO, derivatives, gathers, loss, optimiser), LM
 iterations. JSON: device, precision, step_s_hc, step_s_moe, step_speedup_moe_vs_hc,
 overhead_fraction_hc, overhead_fraction_moe (the share of the step outside the experts'
-solves; the paper-size goal on a GPU is <= 0.1), lm_iterations_hc, lm_iterations_moe.
+solves; the paper-size goal on a GPU is <= 0.1), lm_iterations_hc, lm_iterations_moe,
+step_s_moe_sequential (the same MoE training with its experts one after another) and
+batched_experts_speedup (its step over the batched one's).
 
 `--until SECONDS`: then the MoE trains on until that many seconds after the start, at most
 the paper's 4 000 steps, the lr halved every fifth of the steps that fit (the paper: every
@@ -86,7 +89,9 @@ class SyncedExperts:
         return grads
 
 
-def build(kind: str, size: dict, device: str, precision: str = "float64") -> PDESurrogate:
+def build(
+    kind: str, size: dict, device: str, precision: str = "float64", batched: bool | None = None
+) -> PDESurrogate:
     experts = 4 if kind == "moe" else 1
     grids = {
         "t": torch.linspace(0.0, 500.0, size["nt"], dtype=torch.float64),
@@ -106,7 +111,8 @@ def build(kind: str, size: dict, device: str, precision: str = "float64") -> PDE
         collocation_points=size["points"] // experts,
     ).to(device)
     model.network.to(getattr(torch, precision))
-    model.executor = SyncedExperts(InProcessExperts(model.expert_config(), experts, device))
+    inner = InProcessExperts(model.expert_config(), experts, device, batched=batched)
+    model.executor = SyncedExperts(inner)
     return model
 
 
@@ -123,10 +129,20 @@ def learning_rate(step: int, halve_every: int, base: float = 1e-3) -> float:
 class Trainer:
     """One kind's model, optimiser and record of every step."""
 
-    def __init__(self, kind: str, size: dict, device: str, precision: str, seed: int = 0):
+    def __init__(
+        self,
+        kind: str,
+        size: dict,
+        device: str,
+        precision: str,
+        seed: int = 0,
+        batched: bool | None = None,
+        label: str | None = None,
+    ):
         torch.manual_seed(seed)
         self.kind, self.size, self.device = kind, size, device
-        self.model = build(kind, size, device, precision)
+        self.label = label or kind
+        self.model = build(kind, size, device, precision, batched)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         self.rng = np.random.default_rng(seed)
         self.record: dict[str, list[float]] = {"step": [], "experts": [], "iterations": []}
@@ -160,7 +176,7 @@ class Trainer:
             self.loss.append(float(loss.detach()))
             if (step + 1 - first) % every == 0:
                 print(
-                    f"  {self.kind} step {step + 1}/{until}: loss {self.loss[-1]:.4f}, "
+                    f"  {self.label} step {step + 1}/{until}: loss {self.loss[-1]:.4f}, "
                     f"{self.record['step'][-1]:.3f} s, "
                     f"LM iterations {self.record['iterations'][-1]:.1f}",
                     flush=True,
@@ -238,7 +254,16 @@ def main(argv: list[str] | None = None) -> dict:
         f"network in {args.precision}",
         flush=True,
     )
-    trainers = {kind: Trainer(kind, size, args.device, args.precision) for kind in ("hc", "moe")}
+    # The MoE's four experts solve as one batch of all their problems (`InProcessExperts`'
+    # default on a GPU); "moe_sequential" is the same training, seed and steps with the
+    # experts one after the other.
+    trainers = {
+        "hc": Trainer("hc", size, args.device, args.precision),
+        "moe": Trainer("moe", size, args.device, args.precision, batched=True),
+        "moe_sequential": Trainer(
+            "moe", size, args.device, args.precision, batched=False, label="moe_sequential"
+        ),
+    }
     out = {}
     for kind, trainer in trainers.items():
         trainer.train(args.steps, PAPER_STEPS // 5)
@@ -259,6 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
         "overhead_fraction_moe": round(out["moe"]["overhead_fraction"], 3),
         "lm_iterations_hc": round(out["hc"]["lm_iterations"], 2),
         "lm_iterations_moe": round(out["moe"]["lm_iterations"], 2),
+        "step_s_moe_sequential": round(out["moe_sequential"]["step_s"], 4),
+        "batched_experts_speedup": round(out["moe_sequential"]["step_s"] / out["moe"]["step_s"], 3),
     }
     if args.until:
         print(json.dumps(result), flush=True)  # the timing's, should the rest not finish

@@ -236,6 +236,44 @@ def test_a_step_leaves_nothing_behind():
     assert kept() is None
 
 
+def test_batched_in_process_experts_give_what_each_alone_gives():
+    """One LM loop over the four experts' problems (a GPU's default) finds each expert's
+    solution, iterations and implicit gradient as its own solve does."""
+    basis, params = expert_params(seed=3)
+    assert len({tuple(t.shape for t in p) for p in params}) == 1  # a batch is possible
+    assert InProcessExperts(CONFIG, 4).batched is False
+    assert InProcessExperts(CONFIG, 4, device="cuda").batched is True
+    answers = {}
+    for batched in (False, True):
+        experts = InProcessExperts(CONFIG, 4, batched=batched)
+        omegas, solved = solve_experts(experts, params)
+        (grad,) = torch.autograd.grad(sum((w**3).sum() for w in omegas), basis, retain_graph=True)
+        answers[batched] = (omegas, solved.diagnostics, grad, experts.last_vjp_zeroed)
+    (alone, d_alone, g_alone, z_alone), (together, d_together, g_together, z_together) = (
+        answers[False],
+        answers[True],
+    )
+    for a, b in zip(alone, together, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    keys = ("iterations_mean", "iterations_max", "converged_fraction", "problems")
+    assert [[d[k] for k in keys] for d in d_alone] == [[d[k] for k in keys] for d in d_together]
+    assert max(d["iterations_max"] for d in d_alone) > 1  # the solves did iterate
+    assert len({d["seconds"] for d in d_together}) == 1  # one solve served them all
+    torch.testing.assert_close(g_alone, g_together, rtol=1e-8, atol=1e-12)
+    assert g_alone.abs().sum() > 0 and z_alone == z_together
+
+
+def test_experts_of_different_shapes_are_solved_one_by_one_when_batched():
+    basis, params = expert_params(seed=4)
+    params[1] = tuple(t[:1] for t in params[1])  # one sample fewer: no common batch
+    experts = InProcessExperts(CONFIG, 4, batched=True)
+    omegas, solved = solve_experts(experts, params)
+    assert [w.shape[0] for w in omegas] == [2, 1, 2, 2]
+    alone = InProcessExperts(CONFIG, 4, batched=False)
+    for a, b in zip(omegas, solve_experts(alone, params)[0], strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_gpu_shares_fill_whole_gpus():
     assert gpu_share(0, 4) == 0.0
     assert gpu_share(4, 4) == gpu_share(8, 4) == 1.0

@@ -22,6 +22,20 @@ def test_tiny_run_reports_consistent_figures(capsys):
     for kind in ("hc", "moe"):
         assert 0 < result[f"overhead_fraction_{kind}"] < 1  # the experts did part of it
         assert result[f"lm_iterations_{kind}"] >= 0
+    assert result["batched_experts_speedup"] == pytest.approx(
+        result["step_s_moe_sequential"] / result["step_s_moe"], rel=2e-2
+    )
+
+
+def test_the_batched_and_the_sequential_moe_train_alike():
+    """What the batched-experts speed-up compares: the same training, step for step."""
+    losses = []
+    for batched in (True, False):
+        trainer = gpu.Trainer("moe", gpu.TINY, "cpu", "float64", batched=batched)
+        trainer.train(4, 800)
+        assert trainer.model.executor.inner.batched is batched
+        losses.append(trainer.loss)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-9)
 
 
 def test_the_experts_timed_in_step_are_the_in_process_ones():
@@ -74,7 +88,7 @@ def test_training_on_and_scoring_report_the_saved_models_test_error(tmp_path):
     scored again here on the same simulated solutions, give the reported error."""
     saved = tmp_path / "moe.pt"
     result = gpu.main(
-        ["--tiny", "--steps", "6", "--device", "cpu", "--until", "10", "--test-samples", "3",
+        ["--tiny", "--steps", "6", "--device", "cpu", "--until", "30", "--test-samples", "3",
          "--save", str(saved)]
     )  # fmt: skip
     assert result["train_steps"] > 6 and result["test_samples"] == 3
