@@ -128,6 +128,17 @@ class Storage:
 
         return self._guard(path, run)
 
+    def list_files(self, path: str) -> list[str]:
+        """Names of the files directly in `path` (empty if it does not exist)."""
+
+        def run() -> list[str]:
+            if not self.fs.exists(path):
+                return []
+            entries = self.fs.ls(path, detail=True, refresh=True)
+            return sorted(posixpath.basename(e["name"]) for e in entries if e["type"] == "file")
+
+        return self._guard(path, run)
+
     def size(self, path: str) -> int:
         return int(self._guard(path, lambda: self.fs.size(path)))
 

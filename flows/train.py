@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -114,6 +115,9 @@ class TrainingSpec(Spec):
     )
     grad_clip: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(
+        2, ge=0, description="the newest checkpoints kept in storage (0: every one)"
+    )
     log_every: int = Field(10, ge=1)
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -121,6 +125,14 @@ class TrainingSpec(Spec):
         description="where the network trains: auto takes a GPU when torch sees one "
         "(population members train on the CPU)",
     )
+
+    @model_serializer(mode="wrap")
+    def _default_retention_unsaid(self, handler) -> dict[str, Any]:
+        # as specs were before the key existed: the digests of their runs (resume, PBT) hold
+        data = handler(self)
+        if data.get("keep_checkpoints") == 2:
+            del data["keep_checkpoints"]
+        return data
 
 
 class ExpertsSpec(Spec):
@@ -272,10 +284,13 @@ def build_model(spec: TrainSpec, problem: Problem):
 
 class Checkpoints:
     """`<storage>/runs/<name>/checkpoints/step-NNNNNNN.pt` + `latest.json`, each written
-    atomically; the pointer is written after the checkpoint it names."""
+    atomically; the pointer is written after the checkpoint it names, and only then are
+    checkpoints beyond the newest `keep` removed (0: none is; a paper-size checkpoint is
+    about 120 MB, every 200 of 4 000 steps)."""
 
-    def __init__(self, storage: Storage, name: str):
+    def __init__(self, storage: Storage, name: str, keep: int = 0):
         self.folder = storage.child("runs", name, "checkpoints")
+        self.keep = keep
 
     def latest(self) -> dict[str, Any] | None:
         pointer = self.folder.join("latest.json")
@@ -305,13 +320,22 @@ class Checkpoints:
                 "spec_digest": state["spec_digest"],
             },
         )
+        if self.keep:
+            for old in self.files()[: -self.keep]:
+                if old != name:
+                    self.folder.remove(self.folder.join(old))
         return name
+
+    def files(self) -> list[str]:
+        """The checkpoints in storage, oldest first."""
+        names = self.folder.list_files(self.folder.url)
+        return sorted(n for n in names if re.fullmatch(r"step-\d{7}\.pt", n))
 
 
 # What may change when a run is continued: its step budget, the device (a run may
-# continue on another machine), and the PDE it states (it only checks the data set, which
-# may not change).
-RESUMABLE_CHANGES = ("training.steps", "training.device", "pde")
+# continue on another machine), the PDE it states (it only checks the data set, which
+# may not change), and how many checkpoints are kept.
+RESUMABLE_CHANGES = ("training.steps", "training.device", "pde", "training.keep_checkpoints")
 
 
 def spec_changes(before: dict[str, Any], after: dict[str, Any], limit: int = 4) -> str:
@@ -340,7 +364,7 @@ def _resumable_digest(spec: TrainSpec) -> str:
             node = data
             for part in path:
                 node = node[part]
-            del node[leaf]
+            node.pop(leaf, None)  # a key left out at its default
     return digest_of(data)
 
 
@@ -407,7 +431,7 @@ def train(
     model = build_model(spec, problem).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.training.lr)
 
-    checkpoints = Checkpoints(storage, spec.name)
+    checkpoints = Checkpoints(storage, spec.name, spec.training.keep_checkpoints)
     latest, start, run_id = checkpoints.latest(), 0, None
     digest = _resumable_digest(spec)
     if latest is not None and not resume:

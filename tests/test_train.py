@@ -192,6 +192,20 @@ def test_resume_continues_from_the_checkpoint(tiny):
         train(spec(name="never-ran"), tiny, resume=True)
 
 
+def test_only_the_newest_checkpoints_are_kept(tiny):
+    from flows.train import Checkpoints
+
+    train(spec(training__steps=9), tiny)  # checkpoints at steps 3, 6 and 9; two kept
+    kept = Checkpoints(tiny, "tiny").files()
+    assert kept == ["step-0000006.pt", "step-0000009.pt"]
+    # the number kept may change when a run continues; 0 keeps every one from then on
+    train(spec(training__steps=15, training__keep_checkpoints=0), tiny, resume=True)
+    assert Checkpoints(tiny, "tiny").files() == [f"step-{s:07d}.pt" for s in (6, 9, 12, 15)]
+    more = train(spec(training__steps=18, training__keep_checkpoints=1), tiny, resume=True)
+    assert more.resumed_from == 15
+    assert Checkpoints(tiny, "tiny").files() == ["step-0000018.pt"]
+
+
 def test_spec_changes_name_what_differs():
     before = {"training": {"steps": 10, "lr": 0.001}, "model": {"kind": "moe"}}
     after = {"training": {"steps": 20, "lr": 0.01, "warmup_steps": 100}, "model": {"kind": "moe"}}
@@ -212,6 +226,9 @@ def test_checkpoints_from_before_the_device_and_pde_settings_stay_resumable():
     del data["training"]["device"], data["pde"]
     assert _resumable_digest(current) == digest_of(data)
     assert _resumable_digest(spec(training__device="cpu")) == _resumable_digest(current)
+    # `training.keep_checkpoints` (added later) is left out at its default, and may change
+    assert "keep_checkpoints" not in spec().resolved()["training"]
+    assert _resumable_digest(spec(training__keep_checkpoints=5)) == _resumable_digest(current)
     assert _resumable_digest(spec(training__lr=1e-2)) != _resumable_digest(current)
     # nor before `model.precision`: float32, what every network was then, is left unsaid
     assert _resumable_digest(spec(model__precision="float32")) == _resumable_digest(spec())
