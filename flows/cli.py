@@ -148,7 +148,8 @@ def preprocess(
         out.print(f"  at   {result.folder}")
     if m.skipped:
         out.print(f"  skipped {len(m.skipped)} bad samples (see the manifest's 'skipped')")
-    out.print(f"  run  {run_id} (experiment preprocess)")
+    if run_id is not None:
+        out.print(f"  run  {run_id} (experiment preprocess)")
 
 
 @app.command()

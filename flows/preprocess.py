@@ -349,13 +349,18 @@ def preprocess(
     dask_address: str | None = None,
     workers: int | None = None,
     progress: ProgressFn | None = None,
-) -> tuple[PreprocessResult, str]:
-    """Run the job as an MLflow run in experiment `preprocess`; returns (result, run id)."""
+) -> tuple[PreprocessResult, str | None]:
+    """Run the job as an MLflow run in experiment `preprocess`; returns (result, run id).
+    A data set already published from the same spec is left as it is, and no run opened
+    (run id None)."""
     from flows import plots, tracking
 
     storage = storage or Storage.from_env()
     run_name = f"{spec.name}-{spec.version}"
     plan = _plan(spec, storage)  # a refused job opens no MLflow run
+    folder, _, existing, _, _ = plan
+    if existing is not None:  # published from this spec: nothing to do, nothing to record
+        return PreprocessResult(existing, folder.url, 0, 0, 0.0, 0.0, 0.0, True), None
     with tracking.job_run(EXPERIMENT, run_name, spec.resolved()) as run:
         run.set_tags(
             {

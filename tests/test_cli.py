@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import mlflow
 import pytest
 from typer.testing import CliRunner
 
@@ -72,6 +73,8 @@ def test_end_to_end_on_embedded_defaults(home, spec, dask_address):
 
     again = physflow("preprocess", str(spec), "--set", "samples=8", "--dask-address", dask_address)
     assert again.exit_code == 0 and "already published" in again.output
+    # publishing the same spec again is a no-op, in MLflow too
+    assert len(mlflow.search_runs(experiment_names=["preprocess"], output_format="list")) == 1
 
 
 def test_embedded_dask_cluster(home, spec):
@@ -100,8 +103,6 @@ def test_user_mistakes_exit_2_with_one_line(home, spec, args, message):
 
 
 def test_a_refused_preprocess_opens_no_mlflow_run(home, spec, dask_address):
-    import mlflow
-
     args = ["preprocess", str(spec), "--dask-address", dask_address, "--set"]
     assert physflow(*args, "samples=8").exit_code == 0
     refused = physflow(*args, "samples=10")
