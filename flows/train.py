@@ -505,6 +505,8 @@ def train(
             _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress,
                   stop_requested)  # fmt: skip
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM at a step's end (`Terminated`)
+            if done.get("unlogged"):  # the last step's metrics, between two log steps
+                run.log_metrics(*done["unlogged"])
             run.set_tags({"interrupted_at_step": done["step"]})
             checkpoint(done["step"], run.run_id)
             raise
@@ -579,7 +581,8 @@ def learning_rate(t: TrainingSpec, step: int, base: float | None = None) -> floa
 def _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress,
           stop_requested=lambda: False):  # fmt: skip
     """The training steps from `done["step"]`, which it keeps up to date, appending each
-    step's seconds and its experts' seconds to `done["times"]`. Each step's batch and
+    step's seconds and its experts' seconds to `done["times"]` (and keeping in
+    `done["unlogged"]` the last step's metrics while `log_every` has not logged them). Each step's batch and
     collocation points come from (seed, step), so a resumed or retried step sees exactly
     what the original would have. Once `stop_requested()` (a SIGTERM came), it raises
     `Terminated` at the end of the step in progress."""
@@ -610,6 +613,9 @@ def _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress,
             )
         if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
             run.log_metrics(metrics, step=step + 1)
+            done["unlogged"] = None
+        else:  # logged should the run stop here
+            done["unlogged"] = (metrics, step + 1)
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
             checkpoint(step + 1, run.run_id)
         if progress:

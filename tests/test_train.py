@@ -407,7 +407,8 @@ def test_sigterm_stops_at_a_step_end_with_a_checkpoint_and_resume_continues(tiny
     """A stopped cluster job or a deleted pod gets SIGTERM: the step in progress finishes,
     a checkpoint of it is saved, the run is marked, the command exits 143, and --resume
     continues from that step."""
-    endless = spec(training__steps=100_000, training__checkpoint_every=5)
+    # metrics logged every 1 000 steps: the step it stops after is logged all the same
+    endless = spec(training__steps=100_000, training__checkpoint_every=5, training__log_every=1000)
     path = tmp_path / "endless.yaml"
     path.write_text(yaml.safe_dump(endless.resolved()))
     command = [sys.executable, "-m", "flows.cli", "train", str(path), "--set", "training.seed=0"]
@@ -433,7 +434,10 @@ def test_sigterm_stops_at_a_step_end_with_a_checkpoint_and_resume_continues(tiny
     assert run.info.status == "KILLED" and run.data.tags["interrupted_at_step"] == str(step)
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
     assert max(m.step for m in history) == step  # the step it stopped after was finished
-    more = train(spec(training__steps=step + 2, training__checkpoint_every=5), tiny, resume=True)
+    more = train(
+        endless.model_copy(update={"training": endless.training.model_copy(
+            update={"steps": step + 2})}), tiny, resume=True,
+    )  # fmt: skip
     assert more.resumed_from == step and more.run_id == run.info.run_id
 
 
