@@ -582,10 +582,10 @@ def _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress,
           stop_requested=lambda: False):  # fmt: skip
     """The training steps from `done["step"]`, which it keeps up to date, appending each
     step's seconds and its experts' seconds to `done["times"]` (and keeping in
-    `done["unlogged"]` the last step's metrics while `log_every` has not logged them). Each step's batch and
-    collocation points come from (seed, step), so a resumed or retried step sees exactly
-    what the original would have. Once `stop_requested()` (a SIGTERM came), it raises
-    `Terminated` at the end of the step in progress."""
+    `done["unlogged"]` the last step's metrics while `log_every` has not logged them).
+    Each step's batch and collocation points come from (seed, step), so a resumed or
+    retried step sees exactly what the original would have. Once `stop_requested()` (a
+    SIGTERM came), it raises `Terminated` at the end of the step in progress."""
     from flows.runtime import Terminated
 
     t = spec.training
