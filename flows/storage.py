@@ -185,10 +185,19 @@ class Storage:
         except OSError as exc:
             if self.is_local:
                 raise JobFailure(f"{path}: {_brief(exc)}") from None
-            raise UserError(
-                f"{path}: cannot reach the S3 store at "
-                f"{self.options.get('endpoint_url', 'the default AWS endpoint')} ({_brief(exc)})"
-            ) from None
+            raise UserError(f"{path}: cannot reach {self._where()} ({_brief(exc)})") from None
+        except Exception as exc:
+            # botocore's own (no credentials, an endpoint that does not answer) are not
+            # OSErrors; known by name, botocore being s3fs's to import
+            kinds = {c.__name__ for c in type(exc).__mro__}
+            if self.is_local or "BotoCoreError" not in kinds:
+                raise
+            hint = " (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a profile)" if (
+                "NoCredentialsError" in kinds) else ""  # fmt: skip
+            raise UserError(f"{path}: cannot reach {self._where()}: {_brief(exc)}{hint}") from None
+
+    def _where(self) -> str:
+        return f"the S3 store at {self.options.get('endpoint_url', 'the default AWS endpoint')}"
 
 
 def _brief(exc: BaseException) -> str:

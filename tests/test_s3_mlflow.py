@@ -6,6 +6,7 @@ import json
 
 import mlflow
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -70,6 +71,33 @@ def test_s3_mistakes_are_user_errors(home, tmp_path, s3, s3_env, monkeypatch, da
     result = runner.invoke(app, ["datasets", "show", "x"])
     assert result.exit_code == 2, result.output
     assert "access denied" in result.output and "Traceback" not in result.output
+
+
+
+@pytest.mark.parametrize(
+    ("credentials", "message"),
+    [
+        (False, "Unable to locate credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+        (True, 'Could not connect to the endpoint URL: "http://127.0.0.1:9/'),
+    ],
+)
+def test_an_s3_store_not_there_is_one_line(home, monkeypatch, credentials, message):
+    """What a shell still set up for a stack that is down meets: a closed port, or no
+    credentials at all. (botocore's errors are not OSErrors.)"""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(home / "none"))
+    if credentials:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "physflow")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("PHYSFLOW_STORAGE", "s3://physflow/data")
+    monkeypatch.setenv("PHYSFLOW_S3_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens
+    result = CliRunner().invoke(app, ["datasets"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert lines[0].startswith("error: s3://physflow/data: cannot reach the S3 store at ")
 
 
 def test_the_clusters_mlflow_command_serves_with_basic_auth(tmp_path):
