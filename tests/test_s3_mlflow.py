@@ -73,7 +73,6 @@ def test_s3_mistakes_are_user_errors(home, tmp_path, s3, s3_env, monkeypatch, da
     assert "access denied" in result.output and "Traceback" not in result.output
 
 
-
 @pytest.mark.parametrize(
     ("credentials", "message"),
     [
