@@ -27,6 +27,8 @@ from flows.cli_group import (
     continue_with,
     model_line,
     sets,
+    stop_code,
+    stopped,
 )
 from flows.errors import PhysflowError
 
@@ -184,8 +186,8 @@ def train(
                 f": checkpoint at step {latest['step']} saved; continue with: "
                 f"{continue_with(again, ['--resume'])}"
             )
-        typer.echo(_stopped(stop) + told, err=True)
-        raise typer.Exit(_stop_code(stop)) from None
+        typer.echo(stopped(stop) + told, err=True)
+        raise typer.Exit(stop_code(stop)) from None
     _print_train(result)
 
 
@@ -195,17 +197,6 @@ def _as_typed(command: str, spec, set_, storage, ray_address) -> list[str]:
     for flag, value in (("--storage", storage), ("--ray-address", ray_address)):
         typed += [flag, value] if value else []
     return typed
-
-
-def _stopped(stop: KeyboardInterrupt) -> str:
-    from flows.runtime import Terminated
-
-    return "terminated" if isinstance(stop, Terminated) else "interrupted"
-
-
-def _stop_code(stop: KeyboardInterrupt) -> int:
-    """The shell's codes: 128 + SIGTERM (15) or SIGINT (2)."""
-    return 143 if _stopped(stop) == "terminated" else 130
 
 
 def _print_train(result) -> None:
@@ -276,8 +267,8 @@ def run_quickstart(
             data, result = run(job, root, pre, steps, None, workers, ray_address)
     except KeyboardInterrupt as stop:
         again = continue_with(_as_typed("run", spec, set_, storage, ray_address))
-        typer.echo(f"{_stopped(stop)}: {again} continues from the last checkpoint", err=True)
-        raise typer.Exit(_stop_code(stop)) from None
+        typer.echo(f"{stopped(stop)}: {again} continues from the last checkpoint", err=True)
+        raise typer.Exit(stop_code(stop)) from None
     m = data.manifest
     out.print(f"data   {m.name} {m.version}: {m.rows} samples at {data.folder}")
     _print_train(result)

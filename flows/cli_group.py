@@ -64,6 +64,17 @@ def model_line(registered: str, model_uri: str | None) -> str:
     return f"{version} (logged as {model_uri})"
 
 
+def stopped(stop: KeyboardInterrupt) -> str:
+    from flows.runtime import Terminated
+
+    return "terminated" if isinstance(stop, Terminated) else "interrupted"
+
+
+def stop_code(stop: KeyboardInterrupt) -> int:
+    """The shell's codes: 128 + SIGTERM (15) or SIGINT (2)."""
+    return 143 if stopped(stop) == "terminated" else 130
+
+
 class OneLineUsage(TyperGroup):
     """The root command: a usage mistake (a missing argument, an option out of range, an
     unknown command) is one line on stderr naming the command, exit 2, as every other

@@ -367,7 +367,7 @@ def run_pbt(
     """Run (or with `resume`, continue) the search; returns the winner and where to look."""
     from actors.pbt import MetricMissing, PopulationFailed
     from flows import tracking
-    from flows.runtime import ray_session
+    from flows.runtime import ray_session, sigterm_interrupts
 
     storage = storage or Storage.from_env()
     t_start = time.perf_counter()
@@ -396,6 +396,7 @@ def run_pbt(
     with (
         tracking.job_run(spec.experiment_name, spec.name, spec.resolved(), parent_id) as run,
         ray_session(ray_address),
+        sigterm_interrupts(),  # as Ctrl-C: the state of the last round is kept
     ):
         run.set_tags({"physflow.job": "pbt", "trainable": spec.trainable,
                       "strategy": spec.strategy})  # fmt: skip
@@ -416,6 +417,9 @@ def run_pbt(
             if winner is None:
                 raise JobFailure(f"search {spec.name!r}: no member reported a score")
             model_uri, registered = register_winner(spec, storage, population, tracker, winner)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the members' runs end with the parent's
+            tracker.stopped()
+            raise
         except MetricMissing as exc:
             raise UserError(f"metric: {exc}") from None
         except PopulationFailed as exc:

@@ -23,6 +23,8 @@ from flows.cli_group import (
     continue_with,
     model_line,
     sets,
+    stop_code,
+    stopped,
 )
 
 
@@ -58,13 +60,16 @@ def register(app, reports_errors, out, err) -> None:
         try:
             with Progress(job.name, "steps", field="best") as update:
                 result = run_pbt(job, root, resume, update, ray_address)
-        except KeyboardInterrupt:
-            typer.echo(
-                "interrupted: the search state is kept; continue with: "
-                + continue_with(["physflow", "pbt", str(spec), *sets(set_)], ["--resume"]),
-                err=True,
-            )
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as stop:
+            again = ["physflow", "pbt", str(spec), *sets(set_)]
+            if root.exists(root.join("pbt", job.name, "state.json")):
+                told = "the search state is kept; continue with: "
+                told += continue_with(again, ["--resume"])
+            else:  # stopped before its first round was committed
+                told = "before the first ready point: nothing kept; start again with: "
+                told += continue_with(again)
+            typer.echo(f"{stopped(stop)}: {told}", err=True)
+            raise typer.Exit(stop_code(stop)) from None
         resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
         out.print(
             f"searched {job.name} ({job.strategy}, {job.population} members x "

@@ -121,6 +121,14 @@ class Tracker:
             "digest": self.digest,
         }
 
+    def stopped(self) -> None:
+        """The search was interrupted: what was buffered is written, and the runs of the
+        members still running end KILLED (a `--resume` reopens them)."""
+        self.flush()
+        for run_id in self.runs.values():
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, status="KILLED")
+
     def finish(self, lineage) -> None:
         for record in lineage.members:
             score = record.segments[-1].score if record.segments else None

@@ -134,6 +134,30 @@ def sigterm_requests_stop() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While inside, SIGTERM raises `Terminated` where the main thread is, as Ctrl-C raises
+    KeyboardInterrupt: for work whose every committed state is safe to stop at (a search
+    commits after each round). Entered after Ray starts, it replaces the handler of Ray's
+    core worker, which would dump native stack traces and end the process. Outside the
+    main thread: nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # Ray -----------------------------------------------------------------------------------
 
 RAY_ADDRESS_VAR = "RAY_ADDRESS"

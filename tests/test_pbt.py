@@ -263,6 +263,54 @@ def test_a_killed_driver_resumes_without_redoing_finished_steps(home, ray_local,
         assert sorted(history(run.info.run_id, "q")) == list(range(1, 41))  # no step twice
 
 
+def _member_runs(experiment: str) -> list:
+    return [
+        r for r in mlflow.search_runs(experiment_names=[experiment], output_format="list")
+        if "mlflow.parentRunId" in r.data.tags
+    ]  # fmt: skip
+
+
+def test_a_terminated_search_keeps_its_state_and_ends_its_runs(home, ray_local, tmp_path):
+    """SIGTERM (`physflow stop` of a submitted search, a deleted pod) stops a search as
+    Ctrl-C does: exit 143, the committed state kept, the parent and member runs KILLED;
+    before the first ready point nothing is kept, and the message says so."""
+    env = {**os.environ, "RAY_ADDRESS": ray_local, "PHYSFLOW_HOME": str(home)}
+    cli = Path(sys.executable).parent / "physflow"
+    root = Storage.from_env()
+    mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
+    for name, ready in (("toy-term", 2), ("toy-early", 40)):
+        sets = ["--set", "options.step_seconds=0.1", "--set", f"name={name}",
+                "--set", f"ready_interval_steps={ready}"]  # fmt: skip
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+        driver = subprocess.Popen([str(cli), "pbt", str(TOY), *sets], env=env, cwd=tmp_path,
+                                  **pipes)  # fmt: skip
+        state = root.join("pbt", name, "state.json")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # toy-term: a committed round; toy-early: runs
+            if (
+                (root.exists(state) and _step(root.read_json(state)) >= 4)
+                if ready == 2
+                else (mlflow.get_experiment_by_name(name) and len(_member_runs(name)) == 4)
+            ):
+                break
+            assert driver.poll() is None, driver.communicate()
+            time.sleep(0.1)
+        driver.send_signal(signal.SIGTERM)
+        _, stderr = driver.communicate(timeout=60)
+        assert driver.returncode == 143, stderr
+        assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr
+        members = _member_runs(name)
+        assert len(members) == 4 and {r.info.status for r in members} == {"KILLED"}
+        parent = members[0].data.tags["mlflow.parentRunId"]
+        assert mlflow.get_run(parent).info.status == "KILLED"
+        if ready == 2:
+            assert "terminated: the search state is kept; continue with: physflow pbt" in stderr
+            assert stderr.rstrip().endswith("--resume"), stderr
+        else:
+            assert not root.exists(state)
+            assert "terminated: before the first ready point: nothing kept" in stderr, stderr
+
+
 def _step(state: dict) -> int:
     return min(s["segments"][-1]["end"] if s["segments"] else 0
                for s in state["lineage"]["members"])  # fmt: skip

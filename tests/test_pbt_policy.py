@@ -145,10 +145,10 @@ def test_a_step_saved_again_leaves_the_first_checkpoint_as_it_was(tmp_path):
     from flows.storage import Storage
 
     store = Storage.at(str(tmp_path))
-    member = Member(0, build, 0, {"lr": 0.05}, store, "pbt")
+    member = Member(0, build, 0, {"lr": 0.05}, store, store.join("pbt"))
     first = member.train_until(4, {"h0": 1.0, "h1": 0.0})["checkpoint"]
     copied = pickle.loads(store.read_bytes(first))
-    lagging = Member(1, build, 1, {"lr": 0.05}, store, "pbt")
+    lagging = Member(1, build, 1, {"lr": 0.05}, store, store.join("pbt"))
     lagging.train_until(2, {"h0": 0.0, "h1": 1.0})
     member.load(lagging.state())
     again = member.train_until(4, {"h0": 0.0, "h1": 1.0})["checkpoint"]
