@@ -73,6 +73,23 @@ def true_front(net, truth) -> set:
     return {k for k, m in zip(keys, pareto_mask(values), strict=True) if m}
 
 
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_digits_pixels_constant_in_training_are_only_centred(seed):
+    """A pixel without ink in any training digit used to be divided by 1e-6: a test (seed
+    0) or validation (seed 2) digit with ink there became 1e6."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    splits = digits_splits(seed)
+    x, y = load_digits(return_X_y=True)
+    x_train = train_test_split(x, y, test_size=0.4, random_state=seed, stratify=y)[0]
+    constant = x_train.std(0) == 0
+    assert constant.any()
+    for name, (inputs, _) in splits.items():
+        assert float(inputs.abs().max()) < 100, name
+    assert float(splits["train"][0][:, torch.from_numpy(constant)].abs().max()) == 0.0
+
 def test_pareto_mask_and_hypervolume_match_brute_force_and_pymoo():
     rng = np.random.default_rng(0)
     for d in (2, 3):
