@@ -73,7 +73,6 @@ def true_front(net, truth) -> set:
     return {k for k, m in zip(keys, pareto_mask(values), strict=True) if m}
 
 
-
 @pytest.mark.parametrize("seed", [0, 2])
 def test_digits_pixels_constant_in_training_are_only_centred(seed):
     """A pixel without ink in any training digit used to be divided by 1e-6: a test (seed
@@ -89,6 +88,7 @@ def test_digits_pixels_constant_in_training_are_only_centred(seed):
     for name, (inputs, _) in splits.items():
         assert float(inputs.abs().max()) < 100, name
     assert float(splits["train"][0][:, torch.from_numpy(constant)].abs().max()) == 0.0
+
 
 def test_pareto_mask_and_hypervolume_match_brute_force_and_pymoo():
     rng = np.random.default_rng(0)
