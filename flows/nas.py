@@ -168,10 +168,25 @@ def open_problem(spec: NASSpec, storage: Storage) -> Problem:
     m = dataset.manifest
     field = next(iter(m.fields))
     grids = [np.asarray(m.grids[a]) for a in m.fields[field].axes]
-    train = surrogate_pairs(dataset.arrays("train")[field], grids)
-    test = surrogate_pairs(dataset.arrays("test")[field], grids)
+    # Sub-networks are chosen on a fifth of the training samples, held out from the
+    # super-network's training; the data set's test split stays unseen by the search.
+    inputs, targets = surrogate_pairs(dataset.arrays("train")[field], grids)
+    n = len(inputs)
+    if n < 2:
+        raise UserError(
+            f"dataset {m.name}/{m.version}: {n} training sample; the search holds a fifth of "
+            f"them out to validate sub-networks on, and needs at least 2"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(spec.evaluators.seed))
+    held = order[: max(1, n // 5)].sort().values
+    kept = order[max(1, n // 5) :].sort().values
     net = ElasticFNO([len(g) for g in grids], s.depths, s.widths, s.modes, s.padding)
-    return Problem(net, train, test, f"{m.name}/{m.version} ({field})")
+    return Problem(
+        net,
+        (inputs[kept], targets[kept]),
+        (inputs[held], targets[held]),
+        f"{m.name}/{m.version} ({field}; {len(kept)} training, {len(held)} validation samples)",
+    )
 
 
 def check_spec(spec: NASSpec, net) -> None:

@@ -143,3 +143,38 @@ def test_interrupted_on_the_super_network_the_hint_starts_again(home, spec, monk
     assert result.exit_code == 130
     assert "nothing kept; start again with: physflow nas" in result.output
     assert "--set budget=12" in result.output and "--resume" not in result.output
+
+
+def test_fno_sub_networks_are_validated_on_held_out_training_samples(home, dask_address):
+    """The search never sees the data set's test split: a fifth of the training samples,
+    drawn with the evaluators' seed, is held out from the super-network's training and
+    validates the sub-networks."""
+    import torch
+
+    from flows.datasets import open_dataset
+    from flows.nas import open_problem
+    from flows.preprocess import PreprocessSpec, run_preprocess
+
+    data = {"name": "ds-nas", "samples": 12, "test_fraction": 0.25, "samples_per_task": 6,
+            "simulation": {"pde": "diffusion-sorption", "nx": 16, "nt": 5, "t_end": 500.0}}  # fmt: skip
+    storage = Storage.from_env()
+    run_preprocess(PreprocessSpec.model_validate(data), storage, dask_address=dask_address)
+    spec = NASSpec.model_validate(
+        {"name": "fno", "supernet": {"kind": "fno", "dataset": "ds-nas"}, "budget": 60}
+    )
+    problem = open_problem(spec, storage)
+    arrays = open_dataset("ds-nas", storage=storage)
+    train, test = (torch.as_tensor(arrays.arrays(s)["u"]).float() for s in ("train", "test"))
+    fit, held = problem.train[1][:, 0], problem.validation[1][:, 0]
+    assert (len(fit), len(held)) == (8, 1) and len(train) == 9
+
+    def rows(a, b):  # which rows of b each row of a equals
+        return [int(i) for x in a for i in range(len(b)) if torch.equal(x, b[i])]
+
+    assert sorted(rows(fit, train) + rows(held, train)) == list(range(9))  # a split of train
+    assert rows(held, test) == [] and rows(fit, test) == []
+    again = open_problem(spec, storage).validation[1]
+    assert torch.equal(again[:, 0], held)  # the evaluators' seed decides it
+    other = open_problem(spec.model_copy(update={"evaluators": spec.evaluators.model_copy(
+        update={"seed": 3})}), storage).validation[1]  # fmt: skip
+    assert len(other) == 1
