@@ -155,8 +155,9 @@ def test_fno_sub_networks_are_validated_on_held_out_training_samples(home, dask_
     from flows.nas import open_problem
     from flows.preprocess import PreprocessSpec, run_preprocess
 
+    simulation = {"pde": "diffusion-sorption", "nx": 16, "nt": 5, "t_end": 500.0}
     data = {"name": "ds-nas", "samples": 12, "test_fraction": 0.25, "samples_per_task": 6,
-            "simulation": {"pde": "diffusion-sorption", "nx": 16, "nt": 5, "t_end": 500.0}}  # fmt: skip
+            "simulation": simulation}  # fmt: skip
     storage = Storage.from_env()
     run_preprocess(PreprocessSpec.model_validate(data), storage, dask_address=dask_address)
     spec = NASSpec.model_validate(
