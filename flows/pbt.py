@@ -315,6 +315,14 @@ def plan_resources(spec: PbtSpec, options: dict[str, Any]) -> tuple[float, float
             "gpus_per_expert": round(expert_gpus, 4),
         }
         options["train"] = train
+    # Ray would wait for such a bundle for ever: refuse it (the same count across nodes
+    # is enough to say no; placement across them is Ray's)
+    wanted = n * r.member_gpus + (n * experts * float(r.expert_gpus or 0))
+    if wanted > gpus + 1e-9:
+        raise UserError(
+            f"resources: {n} members want {wanted:g} GPUs in all, and the Ray cluster has "
+            f"{gpus:g} (lower resources.member_gpus or resources.expert_gpus)"
+        )
     return round(member_cpus, 4), r.member_gpus
 
 

@@ -7,6 +7,9 @@ Kubernetes API instead (`flows.submit_kubernetes`), with a RayJob that brings it
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -104,7 +107,8 @@ def register(app, reports_errors, out, err) -> None:
             name = jobs.submit(prepared, image, gpu_workers=gpu_workers, cpu_workers=cpu_workers)
             out.print(f"submitted {name} (RayJob in namespace {jobs.namespace})")
             if follow:
-                state = jobs.follow(name, _write)
+                with _still_running(name, ["--kubernetes"]):
+                    state = jobs.follow(name, _write)
                 jobs.delete(name)
                 sub_mod.outcome(state)
                 out.print(f"{name} succeeded; RayJob and its cluster removed")
@@ -115,7 +119,8 @@ def register(app, reports_errors, out, err) -> None:
         if not follow:
             out.print(f"  follow  physflow logs {sid} --follow")
             return
-        state = jobs.follow(sid, _write)
+        with _still_running(sid):
+            state = jobs.follow(sid, _write)
         sub_mod.outcome(state)
         out.print(f"{sid} succeeded in {state.duration_s or 0:.1f} s")
 
@@ -187,7 +192,9 @@ def register(app, reports_errors, out, err) -> None:
 
         client = _client(address, kubernetes, namespace)
         if follow:
-            outcome(client.follow(submission_id, _write))
+            with _still_running(submission_id, ["--kubernetes"] if kubernetes else []):
+                state = client.follow(submission_id, _write)
+            outcome(state)
         else:
             _write(client.logs(submission_id))
 
@@ -224,3 +231,18 @@ def _write(text: str) -> None:
 
 def _time(seconds: float | None) -> str:
     return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S") if seconds else "-"
+
+
+@contextmanager
+def _still_running(job: str, options: list[str] = ()) -> Iterator[None]:
+    """Ctrl-C while following a job stops the following, not the job: say so, exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        more = "".join(f" {o}" for o in options)
+        print(
+            f"interrupted: stopped following; {job} runs on (physflow logs {job} --follow"
+            f"{more} follows it again, physflow stop {job}{more} stops it)",
+            file=sys.stderr,
+        )
+        raise typer.Exit(130) from None

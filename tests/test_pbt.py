@@ -333,6 +333,8 @@ def test_cli_runs_and_reports_user_errors(home, ray_local):
          "metric: 'accuracy' is not in the trainable's report (it reports: loss, q)"),
         (["pbt", str(TOY), "--set", "name=e6", "--set", "options.nope=1"],
          "trainable 'toy': options: unknown key 'nope'"),
+        (["pbt", str(TOY), "--set", "name=e7", "--set", "resources.member_gpus=1"],
+         "resources: 4 members want 4 GPUs in all, and the Ray cluster has 0"),
         (["pbt", str(TOY), "--set", "name=never", "--resume"], "has no state"),
         (["pbt", "replay", "not-a-run"], "neither a lineage.json file nor the run id"),
     ]  # fmt: skip

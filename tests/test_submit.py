@@ -122,6 +122,32 @@ def test_stop_a_running_job(cluster, tmp_path):
     assert f"job {sid} stopped" in followed.output
 
 
+def test_ctrl_c_while_following_leaves_the_job_running_and_says_so(cluster, tmp_path,
+                                                                   monkeypatch):  # fmt: skip
+    from flows import submit
+
+    spec = spec_file(tmp_path, f"follow-{uuid.uuid4().hex[:6]}")
+    result = physflow("submit", spec, "--set", "samples=4000", "--", "--workers", "1")
+    sid = result.output.split("submitted ", 1)[1].split()[0]
+    follow = submit.RayJobs.follow
+
+    def interrupted(self, submission_id, write):  # Ctrl-C as the first lines arrive
+        def write_then_stop(chunk):
+            raise KeyboardInterrupt
+
+        return follow(self, submission_id, write_then_stop)
+
+    monkeypatch.setattr(submit.RayJobs, "follow", interrupted)
+    followed = physflow("logs", sid, "--follow")
+    assert followed.exit_code == 130, followed.output
+    assert f"interrupted: stopped following; {sid} runs on (physflow logs {sid} --follow" in (
+        followed.output
+    )
+    status = physflow("status", sid)
+    assert "RUNNING" in status.output or "PENDING" in status.output, status.output
+    assert physflow("stop", sid).exit_code == 0
+
+
 @pytest.mark.parametrize(
     ("token", "message"),
     [
