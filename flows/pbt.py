@@ -404,12 +404,18 @@ def run_pbt(
     with (
         tracking.job_run(spec.experiment_name, spec.name, spec.resolved(), parent_id) as run,
         ray_session(ray_address),
-        sigterm_interrupts(),  # as Ctrl-C: the state of the last round is kept
+        sigterm_interrupts() as terminated,  # as Ctrl-C: the state of the last round is kept
     ):
         run.set_tags({"physflow.job": "pbt", "trainable": spec.trainable,
                       "strategy": spec.strategy})  # fmt: skip
         population = build_population(spec, storage, trainable=trainable)
-        tracker = Tracker(run, spec, population.space, digest, progress)
+
+        def report(done: int, total: int, best: float | None) -> None:
+            if progress:
+                progress(done, total, best)
+            terminated()  # after each committed round: a SIGTERM's safe point
+
+        tracker = Tracker(run, spec, population.space, digest, report)
         population.listener = tracker
         if state is not None:
             population.restore(state)

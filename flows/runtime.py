@@ -135,25 +135,34 @@ def sigterm_requests_stop() -> Iterator[Callable[[], bool]]:
 
 
 @contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
+def sigterm_interrupts() -> Iterator[Callable[[], None]]:
     """While inside, SIGTERM raises `Terminated` where the main thread is, as Ctrl-C raises
     KeyboardInterrupt: for work whose every committed state is safe to stop at (a search
     commits after each round). Entered after Ray starts, it replaces the handler of Ray's
-    core worker, which would dump native stack traces and end the process. Outside the
-    main thread: nothing."""
+    core worker, which would dump native stack traces and end the process. A raise that
+    lands where Python swallows exceptions (a finaliser, a weakref callback) is not lost:
+    the function yielded raises it again, for the work to call at its safe points.
+    Outside the main thread: nothing."""
     import signal
     import threading
 
+    came = threading.Event()
+
+    def check() -> None:
+        if came.is_set():
+            raise Terminated("SIGTERM")
+
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield check
         return
 
     def stop(signum, frame):
+        came.set()
         raise Terminated("SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        yield
+        yield check
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -303,11 +303,12 @@ def test_a_terminated_search_keeps_its_state_and_ends_its_runs(home, ray_local, 
         assert len(members) == 4 and {r.info.status for r in members} == {"KILLED"}
         parent = members[0].data.tags["mlflow.parentRunId"]
         assert mlflow.get_run(parent).info.status == "KILLED"
-        if ready == 2:
+        # toy-early is stopped before its one round ends, unless the signal's raise landed
+        # where Python swallows it (a finaliser): then at the round's end, the state kept
+        if ready == 2 or root.exists(state):
             assert "terminated: the search state is kept; continue with: physflow pbt" in stderr
             assert stderr.rstrip().endswith("--resume"), stderr
         else:
-            assert not root.exists(state)
             assert "terminated: before the first ready point: nothing kept" in stderr, stderr
 
 
