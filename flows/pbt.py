@@ -381,6 +381,7 @@ def run_pbt(
     t_start = time.perf_counter()
     folder = storage.join("pbt", spec.name)
     state_path = storage.join("pbt", spec.name, "state.json")
+    trainable = resolve_trainable(spec, storage)  # a wrong name fails before anything else
     state = storage.read_json(state_path) if storage.exists(state_path) else None
     digest = _resumable_digest(spec)
     if state is not None and not resume:
@@ -399,7 +400,6 @@ def run_pbt(
             f"steps_per_member may change when resuming"
         )
 
-    trainable = resolve_trainable(spec, storage)  # a wrong name fails before any run
     parent_id = state["extra"]["parent_run_id"] if state else None
     with (
         tracking.job_run(spec.experiment_name, spec.name, spec.resolved(), parent_id) as run,

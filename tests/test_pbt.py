@@ -337,6 +337,8 @@ def test_cli_runs_and_reports_user_errors(home, ray_local):
         (["pbt", str(TOY), "--set", "name=e7", "--set", "resources.member_gpus=1"],
          "resources: 4 members want 4 GPUs in all, and the Ray cluster has 0"),
         (["pbt", str(TOY), "--set", "name=never", "--resume"], "has no state"),
+        # a search of that name exists (pbt-toy, above): the typo is what is reported
+        (["pbt", str(TOY), "--set", "trainable=toyy"], "trainable 'toyy'"),
         (["pbt", "replay", "not-a-run"], "neither a lineage.json file nor the run id"),
     ]  # fmt: skip
     for args, message in cases:
