@@ -99,9 +99,9 @@ class ExpertSolver:
         stats: dict[str, int] = {}
         grads = implicit_vjp(
             self.residual_fn,
-            torch.cat(omegas).to(self.device, torch.float64),
+            _joined(omegas).to(self.device, torch.float64),
             self._to_device(_joined(batches)),
-            torch.cat(omega_bars).to(self.device, torch.float64),
+            _joined(omega_bars).to(self.device, torch.float64),
             stats=stats,
             factored=True,  # row matrices' cotangents as rank-2 factors: N / 2 times smaller
         )
@@ -124,9 +124,13 @@ class ExpertSolver:
         return {"pid": self.pid, "device": str(self.device), "incarnation": self.incarnation}
 
 
-def _joined(batches: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+def _joined(batches: list):
+    """Experts' inputs (tensors, or tuples of them) as one batch; one expert's as they are
+    (no copy on the path every Ray expert takes)."""
     if len(batches) == 1:
         return batches[0]
+    if isinstance(batches[0], torch.Tensor):
+        return torch.cat(batches)
     return tuple(torch.cat(parts) for parts in zip(*batches, strict=True))
 
 

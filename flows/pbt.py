@@ -375,7 +375,7 @@ def run_pbt(
     """Run (or with `resume`, continue) the search; returns the winner and where to look."""
     from actors.pbt import MetricMissing, PopulationFailed
     from flows import tracking
-    from flows.runtime import ray_session, sigterm_interrupts
+    from flows.runtime import Terminated, ray_session, sigterm_requests_stop
 
     storage = storage or Storage.from_env()
     t_start = time.perf_counter()
@@ -404,7 +404,8 @@ def run_pbt(
     with (
         tracking.job_run(spec.experiment_name, spec.name, spec.resolved(), parent_id) as run,
         ray_session(ray_address),
-        sigterm_interrupts() as terminated,  # as Ctrl-C: the state of the last round is kept
+        # as Ctrl-C: the state of the last round is kept
+        sigterm_requests_stop(interrupt=True) as terminated,
     ):
         run.set_tags({"physflow.job": "pbt", "trainable": spec.trainable,
                       "strategy": spec.strategy})  # fmt: skip
@@ -413,7 +414,8 @@ def run_pbt(
         def report(done: int, total: int, best: float | None) -> None:
             if progress:
                 progress(done, total, best)
-            terminated()  # after each committed round: a SIGTERM's safe point
+            if terminated():  # after each committed round: a SIGTERM's safe point
+                raise Terminated("SIGTERM")
 
         tracker = Tracker(run, spec, population.space, digest, report)
         population.listener = tracker

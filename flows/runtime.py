@@ -116,10 +116,16 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def sigterm_requests_stop() -> Iterator[Callable[[], bool]]:
+def sigterm_requests_stop(interrupt: bool = False) -> Iterator[Callable[[], bool]]:
     """While inside, SIGTERM no longer ends the process: it is noted, and the function
     yielded says whether it came, for the work to stop at its next safe point (a training
-    step's end). Outside the main thread, where no handler can be set: never."""
+    step's end). With `interrupt`, SIGTERM also raises `Terminated` where the main thread
+    is, as Ctrl-C raises KeyboardInterrupt, for work whose every committed state is safe
+    to stop at (a search commits after each round); a raise that lands where Python
+    swallows exceptions (a finaliser, a weakref callback) is then caught at the next safe
+    point by the function yielded. Entered after Ray starts, either replaces the handler
+    of Ray's core worker, which would dump native stack traces and end the process.
+    Outside the main thread, where no handler can be set: never."""
     import signal
     import threading
 
@@ -127,42 +133,15 @@ def sigterm_requests_stop() -> Iterator[Callable[[], bool]]:
         yield lambda: False
         return
     came = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: came.set())
-    try:
-        yield came.is_set
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
-
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[Callable[[], None]]:
-    """While inside, SIGTERM raises `Terminated` where the main thread is, as Ctrl-C raises
-    KeyboardInterrupt: for work whose every committed state is safe to stop at (a search
-    commits after each round). Entered after Ray starts, it replaces the handler of Ray's
-    core worker, which would dump native stack traces and end the process. A raise that
-    lands where Python swallows exceptions (a finaliser, a weakref callback) is not lost:
-    the function yielded raises it again, for the work to call at its safe points.
-    Outside the main thread: nothing."""
-    import signal
-    import threading
-
-    came = threading.Event()
-
-    def check() -> None:
-        if came.is_set():
+    def note(signum, frame) -> None:
+        came.set()
+        if interrupt:
             raise Terminated("SIGTERM")
 
-    if threading.current_thread() is not threading.main_thread():
-        yield check
-        return
-
-    def stop(signum, frame):
-        came.set()
-        raise Terminated("SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, note)
     try:
-        yield check
+        yield came.is_set
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -115,27 +115,20 @@ class Storage:
 
     def list_dirs(self, path: str) -> list[str]:
         """Names of the immediate sub-folders of `path` (empty if it does not exist)."""
+        return self._names(path, "directory")
 
+    def list_files(self, path: str) -> list[str]:
+        """Names of the files directly in `path` (empty if it does not exist)."""
+        return self._names(path, "file")
+
+    def _names(self, path: str, kind: str) -> list[str]:
         def run() -> list[str]:
             if not self.fs.exists(path):
                 return []
             entries = self.fs.ls(path, detail=True, refresh=True)
             return sorted(
-                posixpath.basename(e["name"].rstrip("/"))
-                for e in entries
-                if e["type"] == "directory"
+                posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == kind
             )
-
-        return self._guard(path, run)
-
-    def list_files(self, path: str) -> list[str]:
-        """Names of the files directly in `path` (empty if it does not exist)."""
-
-        def run() -> list[str]:
-            if not self.fs.exists(path):
-                return []
-            entries = self.fs.ls(path, detail=True, refresh=True)
-            return sorted(posixpath.basename(e["name"]) for e in entries if e["type"] == "file")
 
         return self._guard(path, run)
 
