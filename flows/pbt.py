@@ -257,6 +257,13 @@ def resolve_trainable(spec: PbtSpec, storage: Storage) -> tuple[Callable, dict[s
             "eval_samples": spec.eval_samples,
         }
         return builder, options
+    known = getattr(builder, "hyperparameters", None)
+    for key in spec.search_space if known is not None else ():
+        if key not in known:
+            raise UserError(
+                f"search_space.{key}: the {spec.trainable} trainable has no hyperparameter "
+                f"{key!r} (known: {', '.join(known)})"
+            )
     options = dict(spec.options)
     try:
         trainer = builder(member_seed(spec, 0), options)

@@ -29,6 +29,9 @@ class ToyTrainer:
         self.seed = seed
 
     def step(self, hparams: dict[str, Any]) -> dict[str, float]:
+        missing = [k for k in ("h0", "h1") if k not in hparams]
+        if missing:
+            raise ValueError(f"search_space: needs {' and '.join(missing)} (Q̂'s weights)")
         h = np.array([float(hparams["h0"]), float(hparams["h1"])])
         lr = float(hparams.get("lr", self.lr))
         loss = -(1.2 - float(np.sum(h * self.theta_**2)))
@@ -57,3 +60,6 @@ def build(seed: int, options: dict[str, Any]) -> ToyTrainer:
     if unknown:
         raise ValueError(f"options: unknown key {sorted(unknown)[0]!r} (known: {sorted(known)})")
     return ToyTrainer(seed, **options)
+
+
+build.hyperparameters = ("h0", "h1", "lr")  # type: ignore[attr-defined]

@@ -26,6 +26,10 @@ and optionally
     close() -> None
         Release what the trainer holds (expert actors, files).
 
+The builder may also carry a `hyperparameters` attribute, the names its trainers read
+(`build.hyperparameters = ("lr", "momentum")`): a search space naming any other is then a
+spec mistake, reported before the members start, not a hyperparameter searched in vain.
+
 Determinism: a step must depend only on the trainer's state and the hyperparameters given
 (draw batches from a generator kept in the state, or from (seed, step) with the seed in
 the state). A member that loads a donor's state then continues exactly as the donor would
