@@ -257,6 +257,8 @@ Simulation = Annotated[
 
 # PDEBench HDF5 files ------------------------------------------------------------------
 
+DS_PARAMETERS = ("diffusivity", "porosity", "bulk_density", "freundlich_k", "freundlich_exponent")
+
 
 class PDEBenchIngest(Spec):
     """A PDEBench HDF5 file: per-sample groups (diffusion–sorption) or one `tensor`."""
@@ -264,7 +266,28 @@ class PDEBenchIngest(Spec):
     path: str = Field(description="local path or s3:// URL of the .h5/.hdf5 file")
     pde: str = Field("diffusion-sorption", min_length=1, description="recorded in the manifest")
     field_name: str = Field("u", min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    parameters: dict[str, float] = Field(default_factory=dict)
+    parameters: dict[str, float] = Field(
+        default_factory=dict,
+        description="the PDE's parameters; diffusion-sorption: PDEBench's unless given",
+    )
+
+    @model_validator(mode="after")
+    def _known_parameters(self) -> PDEBenchIngest:
+        known = DS_PARAMETERS if self.pde == "diffusion-sorption" else None
+        for key in self.parameters if known is not None else ():
+            if key not in known:
+                raise ValueError(
+                    f"parameters.{key}: diffusion-sorption has no parameter {key!r} "
+                    f"(known: {', '.join(known)})"
+                )
+        return self
+
+    def pde_parameters(self) -> dict[str, float]:
+        """What the manifest records: a diffusion–sorption file's parameters default to
+        those PDEBench generated all its files with (the file itself records none)."""
+        if self.pde != "diffusion-sorption":
+            return dict(self.parameters)
+        return {**{k: float(getattr(_DS, k)) for k in DS_PARAMETERS}, **self.parameters}
 
     def _open(self):
         import h5py
@@ -308,7 +331,7 @@ class PDEBenchIngest(Spec):
                 available = len(keys)
         return SourceInfo(
             pde=self.pde,
-            parameters=dict(self.parameters),
+            parameters=self.pde_parameters(),
             fields={self.field_name: FieldInfo(shape=shape, axes=axes)},
             grids=grids,
             available=available,
@@ -316,7 +339,7 @@ class PDEBenchIngest(Spec):
         )
 
     def samples(self, ids: list[int], seed: int) -> Iterator[Sample]:
-        name = self.path.rsplit("/", 1)[-1]
+        name, params = self.path.rsplit("/", 1)[-1], self.pde_parameters()
         with self._open() as f:
             if _layout(f, self.path) == "tensor":
                 tensor = f["tensor"]
@@ -324,7 +347,7 @@ class PDEBenchIngest(Spec):
                     yield Sample(
                         i,
                         f"{name}#tensor[{i}]",
-                        dict(self.parameters),
+                        dict(params),
                         {self.field_name: np.asarray(tensor[i], dtype=np.float64)},
                     )
                 return
@@ -341,7 +364,7 @@ class PDEBenchIngest(Spec):
                 data = np.asarray(group["data"], dtype=np.float64)  # (nt, nx, 1)
                 if data.ndim >= 1 and data.shape[-1] == 1:
                     data = data[..., 0]
-                yield Sample(i, f"{name}#{keys[i]}", dict(self.parameters), {self.field_name: data})
+                yield Sample(i, f"{name}#{keys[i]}", dict(params), {self.field_name: data})
 
 
 def _layout(f, path: str) -> str:

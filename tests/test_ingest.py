@@ -45,6 +45,25 @@ def test_both_layouts_round_trip(tmp_path, dask_address, layout):
     np.testing.assert_array_equal(values[np.argsort(ids)], truth)
     assert len(test["sample_id"]) == round(0.2 * len(truth))
     np.testing.assert_allclose(ds.statistics("u")["mean"], train["u"].astype(float).mean())
+    # The file records no PDE parameters: PDEBench's, in the manifest and on every row.
+    pdebench = {"diffusivity": 5e-4, "porosity": 0.29, "bulk_density": 2880.0,
+                "freundlich_k": 3.5e-4, "freundlich_exponent": 0.874}  # fmt: skip
+    assert m.pde == {"name": "diffusion-sorption", "parameters": pdebench}
+    rows = ds.read_shard(ds.manifest.splits["test"].shards[0]).column("parameters").to_pylist()
+    assert rows and all(dict(row) == pdebench for row in rows)
+
+
+def test_given_parameters_are_recorded_and_checked(tmp_path, dask_address):
+    path = tmp_path / "p.h5"
+    tensor_file(path)
+    spec = spec_for(path, ingest={"path": str(path), "parameters": {"porosity": 0.3}})
+    m = ingest(spec, tmp_path / "store", dask_address).manifest
+    assert m.pde["parameters"]["porosity"] == 0.3
+    assert m.pde["parameters"]["diffusivity"] == 5e-4
+    with pytest.raises(ValueError, match="parameters.porosty: diffusion-sorption has no"):
+        spec_for(path, ingest={"path": str(path), "parameters": {"porosty": 0.3}})
+    other = {"path": str(path), "pde": "burgers", "parameters": {"nu": 0.01}}
+    assert spec_for(path, ingest=other).ingest.describe().parameters == {"nu": 0.01}
 
 
 def test_nan_sample_is_named_and_never_written(tmp_path, dask_address):
