@@ -440,8 +440,11 @@ def run_pbt(
             if winner is None:
                 raise JobFailure(f"search {spec.name!r}: no member reported a score")
             model_uri, registered = register_winner(spec, storage, population, tracker, winner)
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the members' runs end with the parent's
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: member runs end as the parent
             tracker.stopped()
+            if terminated() and not isinstance(stop, Terminated):
+                # Raised while Ray waited, it comes back from Ray as a plain interrupt.
+                raise Terminated("SIGTERM") from None
             raise
         except MetricMissing as exc:
             raise UserError(f"metric: {exc}") from None

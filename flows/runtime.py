@@ -123,7 +123,8 @@ def sigterm_requests_stop(interrupt: bool = False) -> Iterator[Callable[[], bool
     is, as Ctrl-C raises KeyboardInterrupt, for work whose every committed state is safe
     to stop at (a search commits after each round); a raise that lands where Python
     swallows exceptions (a finaliser, a weakref callback) is then caught at the next safe
-    point by the function yielded. Entered after Ray starts, either replaces the handler
+    point by the function yielded, which also tells a SIGTERM from Ctrl-C where Ray, whose
+    waits turn the raise into a plain KeyboardInterrupt, hides it. Entered after Ray starts, either replaces the handler
     of Ray's core worker, which would dump native stack traces and end the process.
     Outside the main thread, where no handler can be set: never."""
     import signal
@@ -151,19 +152,36 @@ def sigterm_requests_stop(interrupt: bool = False) -> Iterator[Callable[[], bool
 RAY_ADDRESS_VAR = "RAY_ADDRESS"
 
 
+@contextlib.contextmanager
+def _token_auth_notice_hidden() -> Iterator[None]:
+    """Without Ray's notice that token authentication is on by default (printed at every
+    start or join): physflow wants it on. A warning that it is off is never hidden."""
+    notices = logging.getLogger("ray._private.authentication.authentication_token_setup")
+
+    def enabled_notice(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+    notices.addFilter(enabled_notice)
+    try:
+        yield
+    finally:
+        notices.removeFilter(enabled_notice)
+
+
 def start_local_ray(num_cpus: int) -> str:
     """A new Ray on this machine (never one already running here), on 127.0.0.1, without a
     dashboard, quiet; returns its GCS address."""
     import ray
 
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-        _node_ip_address="127.0.0.1",
-    )
+    with _token_auth_notice_hidden():
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+        )
     return ray.get_runtime_context().gcs_address
 
 
@@ -184,7 +202,8 @@ def ray_session(address: str | None = None, enabled: bool = True) -> Iterator[No
     address = address or os.environ.get(RAY_ADDRESS_VAR)
     try:
         if address:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            with _token_auth_notice_hidden():
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         else:
             start_local_ray(os.cpu_count() or 1)
     except ConnectionError as exc:

@@ -299,6 +299,7 @@ def test_a_terminated_search_keeps_its_state_and_ends_its_runs(home, ray_local, 
         _, stderr = driver.communicate(timeout=60)
         assert driver.returncode == 143, stderr
         assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr
+        assert "Token authentication is enabled" not in stderr, stderr  # Ray's notice
         members = _member_runs(name)
         assert len(members) == 4 and {r.info.status for r in members} == {"KILLED"}
         parent = members[0].data.tags["mlflow.parentRunId"]
@@ -310,6 +311,45 @@ def test_a_terminated_search_keeps_its_state_and_ends_its_runs(home, ray_local, 
             assert stderr.rstrip().endswith("--resume"), stderr
         else:
             assert "terminated: before the first ready point: nothing kept" in stderr, stderr
+
+
+TERMINATING = '''
+import os, signal, time
+from actors.pbt.toy import ToyTrainer
+
+
+class Terminating(ToyTrainer):
+    """The first member at step 3 sends SIGTERM to the driver, waiting on its steps."""
+
+    def __init__(self, seed, driver, marker):
+        super().__init__(seed, lr=0.05)
+        self.driver, self.marker = driver, marker
+
+    def step(self, hparams):
+        if self.steps_ == 3 and self.driver and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(self.driver, signal.SIGTERM)
+        time.sleep(0.2)
+        return super().step(hparams)
+
+
+def build(seed, options):
+    return Terminating(seed, options["driver"], options["marker"])
+'''
+
+
+def test_sigterm_while_ray_waits_is_still_a_sigterm(home, ray_local, tmp_path):
+    """Ray turns an exception raised by a signal handler during its waits into a plain
+    KeyboardInterrupt; the search still ends as terminated (exit 143), not interrupted."""
+    from flows.runtime import Terminated
+
+    (tmp_path / "terminating_trainable.py").write_text(TERMINATING)
+    spec = toy("name=toy-wait", "trainable=terminating_trainable:build",
+               f"options={{driver: {os.getpid()}, marker: {tmp_path / 'sent'}}}",
+               "ready_interval_steps=40")  # fmt: skip
+    with pytest.raises(Terminated):
+        run_pbt(spec)
+    assert (tmp_path / "sent").exists()
 
 
 def _step(state: dict) -> int:
