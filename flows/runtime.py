@@ -124,8 +124,9 @@ def sigterm_requests_stop(interrupt: bool = False) -> Iterator[Callable[[], bool
     to stop at (a search commits after each round); a raise that lands where Python
     swallows exceptions (a finaliser, a weakref callback) is then caught at the next safe
     point by the function yielded, which also tells a SIGTERM from Ctrl-C where Ray, whose
-    waits turn the raise into a plain KeyboardInterrupt, hides it. Entered after Ray starts, either replaces the handler
-    of Ray's core worker, which would dump native stack traces and end the process.
+    waits turn the raise into a plain KeyboardInterrupt, hides it. Entered after Ray
+    starts, either replaces the handler of Ray's core worker, which would dump native stack
+    traces and end the process.
     Outside the main thread, where no handler can be set: never."""
     import signal
     import threading
