@@ -128,13 +128,13 @@ def preprocess(
     try:
         with Progress(f"{job.name} {job.version}", "shards") as update:
             result, run_id = run_job(job, root, dask_address, workers, update)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         typer.echo(
-            f"interrupted: {job.name} {job.version} was not published; finished shards are "
-            f"kept, and the same command resumes from them",
+            f"{stopped(stop)}: {job.name} {job.version} was not published; finished shards "
+            f"are kept, and the same command resumes from them",
             err=True,
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(stop_code(stop)) from None
     m = result.manifest
     if result.already_published:
         out.print(f"{m.name} {m.version} is already published at {result.folder} (unchanged)")

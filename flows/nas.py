@@ -301,7 +301,7 @@ def run_nas(
     ray_address: str | None = None,
 ) -> NASResult:
     from flows import tracking
-    from flows.runtime import ray_session
+    from flows.runtime import ray_session, reporting_stops, sigterm_requests_stop
 
     storage = storage or Storage.from_env()
     started = time.perf_counter()
@@ -328,7 +328,10 @@ def run_nas(
             EXPERIMENT, spec.name, spec.resolved(), run_id=state and state["run_id"]
         ) as run,
         ray_session(ray_address, enabled=use_ray),
+        sigterm_requests_stop(interrupt=True) as terminated,  # as Ctrl-C: validations kept
     ):
+        training_progress = reporting_stops(training_progress, terminated)
+        progress = reporting_stops(progress, terminated)
         supernet_uri = _supernet(spec, problem, folder, storage, run, training_progress)
         net = problem.net.eval()
         space = net.space.restrict(spec.space)

@@ -23,6 +23,8 @@ from flows.cli_group import (
     StorageOption,
     continue_with,
     sets,
+    stop_code,
+    stopped,
 )
 
 
@@ -60,7 +62,7 @@ def register(app, reports_errors, out, err) -> None:
                 Progress(f"search {job.name}", "validations") as searching,
             ):
                 result = run_nas(job, root, resume, searching, training, ray_address)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             from flows.nas import SearchFolder
 
             again = ["physflow", "nas", str(spec), *sets(set_)]
@@ -70,8 +72,8 @@ def register(app, reports_errors, out, err) -> None:
             else:
                 told = "every finished validation is kept; continue with: "
                 told += continue_with(again, ["--resume"])
-            typer.echo(f"interrupted: {told}", err=True)
-            raise typer.Exit(130) from None
+            typer.echo(f"{stopped(stop)}: {told}", err=True)
+            raise typer.Exit(stop_code(stop)) from None
         replayed = f", {result.new} new" if result.new != result.validated else ""
         failed = f", {result.failed} failed" if result.failed else ""
         out.print(

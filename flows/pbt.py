@@ -382,7 +382,7 @@ def run_pbt(
     """Run (or with `resume`, continue) the search; returns the winner and where to look."""
     from actors.pbt import MetricMissing, PopulationFailed
     from flows import tracking
-    from flows.runtime import Terminated, ray_session, sigterm_requests_stop
+    from flows.runtime import ray_session, reporting_stops, sigterm_requests_stop
 
     storage = storage or Storage.from_env()
     t_start = time.perf_counter()
@@ -418,12 +418,7 @@ def run_pbt(
                       "strategy": spec.strategy})  # fmt: skip
         population = build_population(spec, storage, trainable=trainable)
 
-        def report(done: int, total: int, best: float | None) -> None:
-            if progress:
-                progress(done, total, best)
-            if terminated():  # after each committed round: a SIGTERM's safe point
-                raise Terminated("SIGTERM")
-
+        report = reporting_stops(progress, terminated)  # called after each committed round
         tracker = Tracker(run, spec, population.space, digest, report)
         population.listener = tracker
         if state is not None:
@@ -440,11 +435,8 @@ def run_pbt(
             if winner is None:
                 raise JobFailure(f"search {spec.name!r}: no member reported a score")
             model_uri, registered = register_winner(spec, storage, population, tracker, winner)
-        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: member runs end as the parent
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the members' runs end with the parent's
             tracker.stopped()
-            if terminated() and not isinstance(stop, Terminated):
-                # Raised while Ray waited, it comes back from Ray as a plain interrupt.
-                raise Terminated("SIGTERM") from None
             raise
         except MetricMissing as exc:
             raise UserError(f"metric: {exc}") from None

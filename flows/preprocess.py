@@ -354,6 +354,7 @@ def preprocess(
     A data set already published from the same spec is left as it is, and no run opened
     (run id None)."""
     from flows import plots, tracking
+    from flows.runtime import reporting_stops, sigterm_requests_stop
 
     storage = storage or Storage.from_env()
     run_name = f"{spec.name}-{spec.version}"
@@ -361,7 +362,11 @@ def preprocess(
     folder, _, existing, _, _ = plan
     if existing is not None:  # published from this spec: nothing to do, nothing to record
         return PreprocessResult(existing, folder.url, 0, 0, 0.0, 0.0, 0.0, True), None
-    with tracking.job_run(EXPERIMENT, run_name, spec.resolved()) as run:
+    with (
+        tracking.job_run(EXPERIMENT, run_name, spec.resolved()) as run,
+        sigterm_requests_stop(interrupt=True) as terminated,  # as Ctrl-C: shards kept
+    ):
+        progress = reporting_stops(progress, terminated)
         run.set_tags(
             {
                 "dataset.name": spec.name,

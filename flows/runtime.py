@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import traceback
 from collections.abc import Callable, Iterator
 
 from actors.heap import HEAP_ENV
@@ -123,11 +124,10 @@ def sigterm_requests_stop(interrupt: bool = False) -> Iterator[Callable[[], bool
     is, as Ctrl-C raises KeyboardInterrupt, for work whose every committed state is safe
     to stop at (a search commits after each round); a raise that lands where Python
     swallows exceptions (a finaliser, a weakref callback) is then caught at the next safe
-    point by the function yielded, which also tells a SIGTERM from Ctrl-C where Ray, whose
-    waits turn the raise into a plain KeyboardInterrupt, hides it. Entered after Ray
-    starts, either replaces the handler of Ray's core worker, which would dump native stack
-    traces and end the process.
-    Outside the main thread, where no handler can be set: never."""
+    point by the function yielded. Ray's waits hand the raise back as a plain
+    KeyboardInterrupt: leaving, it is a `Terminated` again. Entered after Ray starts,
+    either replaces the handler of Ray's core worker, which would dump native stack traces
+    and end the process. Outside the main thread, where no handler can be set: never."""
     import signal
     import threading
 
@@ -144,8 +144,25 @@ def sigterm_requests_stop(interrupt: bool = False) -> Iterator[Callable[[], bool
     previous = signal.signal(signal.SIGTERM, note)
     try:
         yield came.is_set
+    except KeyboardInterrupt as stop:
+        if interrupt and came.is_set() and not isinstance(stop, Terminated):
+            raise Terminated("SIGTERM") from None  # from one of Ray's waits
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def reporting_stops(report: Callable[..., None] | None, terminated: Callable[[], bool]):
+    """`report` (a progress callback, called where the work has committed what it did),
+    made a safe point: there a SIGTERM whose raise was swallowed raises `Terminated`."""
+
+    def call(*args) -> None:
+        if report is not None:
+            report(*args)
+        if terminated():
+            raise Terminated("SIGTERM")
+
+    return call
 
 
 # Ray -----------------------------------------------------------------------------------
@@ -211,5 +228,10 @@ def ray_session(address: str | None = None, enabled: bool = True) -> Iterator[No
         raise UserError(f"Ray cluster {address}: cannot connect ({exc})") from None
     try:
         yield
+    except BaseException as exc:
+        # The frames it left hold actor handles; let go of them while Ray still runs, or
+        # Ray logs a failure for each when they are collected after it has stopped.
+        traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
         ray.shutdown()

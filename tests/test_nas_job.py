@@ -100,6 +100,50 @@ def test_resume_after_the_search_is_killed_validates_nothing_twice(home, tmp_pat
     assert keys == expected
 
 
+def test_sigterm_stops_a_ray_search_as_ctrl_c_does(home, tmp_path):
+    """`physflow stop` of a submitted search: exit 143, a one-line message, the run KILLED,
+    the finished validations kept for --resume (Ray's evaluators; its waits hand the
+    signal's raise back as a plain interrupt, and its handlers would dump stack traces)."""
+    import signal
+
+    import mlflow
+
+    path = tmp_path / "term.yaml"
+    ray_evaluators = "evaluators:\n  executor: ray\n  actors: 2\n  cpus_per_actor: 1\n"
+    path.write_text(RESUME_SPEC.replace("name: digits-resume", "name: digits-term")
+                    .replace("evaluators:\n  executor: local\n", ray_evaluators))  # fmt: skip
+    results = home / "runs/digits-term/nas/results/part-00000.jsonl"
+    search = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "nas", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and search.poll() is None:
+        if results.exists() and len(results.read_text().splitlines()) >= 3:
+            search.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    _, stderr = search.communicate(timeout=60)
+    assert search.returncode == 143, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("terminated: every finished validation is kept; continue with: ")
+    assert last.endswith("--resume"), stderr
+    assert "Traceback" not in stderr and "SIGTERM received" not in stderr, stderr
+    assert "Failed to report actor" not in stderr, stderr
+    mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
+    (run,) = mlflow.search_runs(experiment_names=["nas"], output_format="list")
+    assert run.info.status == "KILLED"
+    kept = len(results.read_text().splitlines())
+    assert 3 <= kept < 12
+
+    resumed = physflow("nas", path, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert f"validated 12 sub-networks, {12 - kept} new" in resumed.output
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -153,7 +153,10 @@ simulation: {pde: diffusion-sorption, nx: 512, nt: 41}
 """
 
 
-def test_killed_job_leaves_nothing_readable_and_resumes(tmp_path, dask_address):
+@pytest.mark.parametrize("stop", ["killed", "terminated"])
+def test_killed_job_leaves_nothing_readable_and_resumes(tmp_path, dask_address, stop):
+    """SIGKILL of the driver and its workers (a lost machine), or SIGTERM of the driver (a
+    stopped job, a deleted pod: it stops as Ctrl-C does, with exit 143)."""
     spec = tmp_path / "slow.yaml"
     spec.write_text(SLOW_DS)
     env = {
@@ -162,16 +165,29 @@ def test_killed_job_leaves_nothing_readable_and_resumes(tmp_path, dask_address):
         "PHYSFLOW_STORAGE": str(tmp_path / "store"),
     }
     cmd = [sys.executable, "-m", "flows.cli", "preprocess", str(spec), "--workers", "2"]
-    proc = subprocess.Popen(
-        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
     work = tmp_path / "store/datasets/slow/v1/_work"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(work.glob("*.json"))) < 3:
         assert proc.poll() is None, "job finished before it could be killed"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Dask workers
-    proc.wait(30)
+    if stop == "killed":
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Dask workers
+        proc.wait(30)
+    else:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 143, stderr
+        assert stderr.strip().splitlines()[-1] == (
+            "terminated: slow v1 was not published; finished shards are kept, and the same "
+            "command resumes from them"
+        )
+        from mlflow import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+        (run,) = client.search_runs([client.get_experiment_by_name("preprocess").experiment_id])
+        assert run.info.status == "KILLED"
     done = len(list(work.glob("*.json")))
     assert 3 <= done < 24
     store = Storage.at(str(tmp_path / "store"))
