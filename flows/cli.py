@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -477,11 +478,19 @@ for _module in ("flows.pbt_cli", "flows.nas_cli", "flows.submit_cli"):
 
 
 def main() -> None:
+    from flows.runtime import local_ray_ended
+
     try:
         app(prog_name="physflow")
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except SystemExit as end:
+        if local_ray_ended():  # its core worker would crash the interpreter's exit
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(end.code if isinstance(end.code, int) else 1)
+        raise
 
 
 if __name__ == "__main__":

@@ -327,8 +327,8 @@ def run_nas(
         tracking.job_run(
             EXPERIMENT, spec.name, spec.resolved(), run_id=state and state["run_id"]
         ) as run,
-        ray_session(ray_address, enabled=use_ray),
         sigterm_requests_stop(interrupt=True) as terminated,  # as Ctrl-C: validations kept
+        ray_session(ray_address, enabled=use_ray),
     ):
         training_progress = reporting_stops(training_progress, terminated)
         progress = reporting_stops(progress, terminated)

@@ -410,9 +410,9 @@ def run_pbt(
     parent_id = state["extra"]["parent_run_id"] if state else None
     with (
         tracking.job_run(spec.experiment_name, spec.name, spec.resolved(), parent_id) as run,
-        ray_session(ray_address),
         # as Ctrl-C: the state of the last round is kept
         sigterm_requests_stop(interrupt=True) as terminated,
+        ray_session(ray_address),
     ):
         run.set_tags({"physflow.job": "pbt", "trainable": spec.trainable,
                       "strategy": spec.strategy})  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 
@@ -99,7 +100,6 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
     keeps it): Ctrl-C then reaches only the driver, which shuts the workers down cleanly
     instead of each printing its own KeyboardInterrupt traceback."""
     import signal
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -109,6 +109,10 @@ def _workers_ignore_ctrl_c() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+_SIGTERM_CAME = threading.Event()  # inside a `sigterm_requests_stop`
+_LOCAL_RAY_ENDED = threading.Event()  # by `ray_session`, after a SIGTERM
 
 
 class Terminated(KeyboardInterrupt):
@@ -125,16 +129,17 @@ def sigterm_requests_stop(interrupt: bool = False) -> Iterator[Callable[[], bool
     to stop at (a search commits after each round); a raise that lands where Python
     swallows exceptions (a finaliser, a weakref callback) is then caught at the next safe
     point by the function yielded. Ray's waits hand the raise back as a plain
-    KeyboardInterrupt: leaving, it is a `Terminated` again. Entered after Ray starts,
-    either replaces the handler of Ray's core worker, which would dump native stack traces
-    and end the process. Outside the main thread, where no handler can be set: never."""
+    KeyboardInterrupt: leaving, it is a `Terminated` again. Enter it before `ray_session`,
+    which puts it back over the handler of Ray's core worker (that one would dump native
+    stack traces and end the process). Outside the main thread, where no handler can be
+    set: never."""
     import signal
-    import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
-    came = threading.Event()
+    came = _SIGTERM_CAME
+    came.clear()
 
     def note(signum, frame) -> None:
         came.set()
@@ -150,6 +155,35 @@ def sigterm_requests_stop(interrupt: bool = False) -> Iterator[Callable[[], bool
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        came.clear()
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait for the block to end: for a change that must happen whole
+    (an optimiser's update and the step count that names it, saved together on an
+    interrupt). Outside the main thread, where no handler can be set: as it is."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+
+    def hold(signum, frame) -> None:
+        came.append(signum)
+
+    # a handler set outside Python (None) cannot be put back: left as it is
+    kept = {s: h for s in (signal.SIGINT, signal.SIGTERM) if (h := signal.getsignal(s)) is not None}
+    for s in kept:
+        signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        for s, h in kept.items():
+            signal.signal(s, h)
+        for s in dict.fromkeys(came):
+            signal.raise_signal(s)
 
 
 def reporting_stops(report: Callable[..., None] | None, terminated: Callable[[], bool]):
@@ -203,6 +237,60 @@ def start_local_ray(num_cpus: int) -> str:
     return ray.get_runtime_context().gcs_address
 
 
+def ray_is_ending() -> bool:
+    """Whether a SIGTERM came and the Ray is this process's own. `timeout`, Slurm's scancel
+    and systemd send it to the whole process group, raylet and GCS included: a call to
+    Ray may then hang for a minute and end the process. The job's cleanup skips Ray, and
+    `ray_session` ends this Ray's processes itself."""
+    return _SIGTERM_CAME.is_set() and _started_here()
+
+
+def _started_here() -> bool:
+    try:
+        import ray
+
+        return ray._private.worker._global_node is not None  # None: a cluster joined
+    except Exception:  # Ray's internals moved
+        return False
+
+
+def _end_local_ray() -> None:
+    """Kill this process's Ray without a word to it (no GCS call), and keep Ray's exit hook
+    from waiting on it."""
+    import atexit
+
+    import ray
+
+    try:
+        ray._private.worker._global_node.kill_all_processes(check_alive=False,
+                                                            allow_graceful=False)  # fmt: skip
+    except Exception:  # Ray's internals moved: its processes end with this one
+        pass
+    atexit.unregister(ray.shutdown)
+    _LOCAL_RAY_ENDED.set()
+
+
+def local_ray_ended() -> bool:
+    """Whether this process ended its own Ray after a SIGTERM: Ray's core worker, left
+    behind, would crash the interpreter's exit (exit with `os._exit`)."""
+    return _LOCAL_RAY_ENDED.is_set()
+
+
+@contextlib.contextmanager
+def _sigterm_handler_kept() -> Iterator[None]:
+    """Ray's core worker takes SIGTERM when it starts (to dump stack traces and end the
+    process): a handler of the job's own (`sigterm_requests_stop`) is put back."""
+    import signal
+
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(handler):
+            signal.signal(signal.SIGTERM, handler)
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, enabled: bool = True) -> Iterator[None]:
     """Ray for the length of a job: joined at `address` / `RAY_ADDRESS` (a cluster with its
@@ -219,11 +307,12 @@ def ray_session(address: str | None = None, enabled: bool = True) -> Iterator[No
         return
     address = address or os.environ.get(RAY_ADDRESS_VAR)
     try:
-        if address:
-            with _token_auth_notice_hidden():
-                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
-        else:
-            start_local_ray(os.cpu_count() or 1)
+        with _sigterm_handler_kept():
+            if address:
+                with _token_auth_notice_hidden():
+                    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            else:
+                start_local_ray(os.cpu_count() or 1)
     except ConnectionError as exc:
         raise UserError(f"Ray cluster {address}: cannot connect ({exc})") from None
     try:
@@ -234,4 +323,7 @@ def ray_session(address: str | None = None, enabled: bool = True) -> Iterator[No
         traceback.clear_frames(exc.__traceback__)
         raise
     finally:
-        ray.shutdown()
+        if ray_is_ending():
+            _end_local_ray()
+        else:
+            ray.shutdown()

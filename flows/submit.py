@@ -107,6 +107,8 @@ class Submission:
         return shlex.join(["physflow", self.job, spec_path, *self.args])
 
 
+STOP_WAIT_VAR, STOP_WAIT_S = "RAY_JOB_STOP_WAIT_TIME_S", 60
+
 # Ray keeps a job's log in a file named after its id: a '/' or a space there leaves the
 # job pending for good, and no command could name it.
 SUBMISSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -136,6 +138,9 @@ def prepare(
                 f"the job's record; set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
                 f"on the cluster instead and give the URL without it"
             )
+    # Ray sends a stopped job SIGTERM and kills it 3 s later by default: time for a paper-size
+    # checkpoint and the MLflow run's end (an --env of the same name decides otherwise)
+    job_env[STOP_WAIT_VAR] = explicit.setdefault(STOP_WAIT_VAR, str(STOP_WAIT_S))
     job_env.update(explicit)
     default_id = f"physflow-{job}-{_slug(name)}-{_digest(spec_digest + code_digest)[:10]}"
     if submission_id is not None and not SUBMISSION_ID.fullmatch(submission_id):

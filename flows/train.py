@@ -419,7 +419,7 @@ def train(
     import torch
 
     from flows import tracking
-    from flows.runtime import ray_session, sigterm_requests_stop
+    from flows.runtime import ray_is_ending, ray_session, sigterm_requests_stop
 
     storage = storage or Storage.from_env()
     t_start = time.perf_counter()
@@ -478,8 +478,10 @@ def train(
     )
     with (
         tracking.job_run(EXPERIMENT, spec.name, spec.resolved(), run_id=run_id) as run,
+        # as Ctrl-C: the last finished step is saved (with Ray's 3 s before it kills a
+        # stopped job, a step left to finish might not be)
+        sigterm_requests_stop(interrupt=True) as stop_requested,
         ray_session(ray_address, enabled=use_ray),
-        sigterm_requests_stop() as stop_requested,
     ):
         run.set_tags(
             {
@@ -504,7 +506,7 @@ def train(
         try:
             _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress,
                   stop_requested)  # fmt: skip
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM at a step's end (`Terminated`)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`Terminated`)
             if done.get("unlogged"):  # the last step's metrics, between two log steps
                 run.log_metrics(*done["unlogged"])
             run.set_tags({"interrupted_at_step": done["step"]})
@@ -512,7 +514,8 @@ def train(
             raise
         finally:
             if model.executor is not None:
-                model.executor.close()
+                if not ray_is_ending():
+                    model.executor.close()
                 model.executor = None
         errors, first = evaluate(model, problem.dataset, problem.field, spec.eval_batch_size)
         timing = step_summary(done["times"])
@@ -584,8 +587,9 @@ def _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress,
     step's seconds and its experts' seconds to `done["times"]` (and keeping in
     `done["unlogged"]` the last step's metrics while `log_every` has not logged them).
     Each step's batch and collocation points come from (seed, step), so a resumed or
-    retried step sees exactly what the original would have. Once `stop_requested()` (a
-    SIGTERM came), it raises `Terminated` at the end of the step in progress."""
+    retried step sees exactly what the original would have. An interrupt never falls
+    between a step's update and its count. Should a SIGTERM's raise have been swallowed
+    (`stop_requested()`), it raises `Terminated` at the end of the step in progress."""
     from flows.runtime import Terminated
 
     t = spec.training
@@ -594,8 +598,12 @@ def _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress,
         lr = learning_rate(t, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, norm, solved = _train_step(model, optimizer, train_data, t, t.seed, step)
-        done["step"] = step + 1
+
+        def counted(step=step) -> None:
+            done["step"] = step + 1
+
+        loss, norm, solved = _train_step(model, optimizer, train_data, t, t.seed, step,
+                                         updated=counted)  # fmt: skip
         seconds = time.perf_counter() - t0
         metrics = {
             "loss": float(loss.detach()),
@@ -625,17 +633,23 @@ def _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress,
 
 
 def _train_step(model, optimizer, train_data, t: TrainingSpec, seed: int, step: int,
-                grad_clip: float | None = None):  # fmt: skip
+                grad_clip: float | None = None, updated=None):  # fmt: skip
     """One optimiser step on the batch and collocation points of (seed, step) -> (loss,
-    gradient norm, the experts' record)."""
+    gradient norm, the experts' record); `updated()` is called with the update, neither
+    interrupted between them."""
     import torch
+
+    from flows.runtime import interrupts_deferred
 
     initial, generator = step_batch(train_data, t.batch_size, seed, step)
     loss, _, solved = model.loss(initial, generator)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or t.grad_clip)
-    optimizer.step()
+    with interrupts_deferred():
+        optimizer.step()
+        if updated is not None:
+            updated()
     return loss, norm, solved
 
 

@@ -203,3 +203,27 @@ def test_progress_off_a_terminal_is_a_line_now_and_then_and_at_the_end(capsys):
     assert len(lines) == 2  # the first step, then nothing for an hour but the last
     assert lines[0].startswith("train demo: 1/300 steps, loss 1 (")
     assert lines[1].startswith("train demo: 300/300 steps, loss 0.003333 (")
+
+
+def test_interrupts_wait_for_a_deferred_block_then_arrive():
+    """An optimiser update and its step count happen whole: Ctrl-C and SIGTERM raised
+    inside the block arrive as it ends, each once, with the handlers as they were."""
+    import os
+    import signal
+
+    from flows.runtime import Terminated, interrupts_deferred, sigterm_requests_stop
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("update")
+            done.append("count")
+    assert done == ["update", "count"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with sigterm_requests_stop(interrupt=True) as came, pytest.raises(Terminated):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("both")
+    assert done[-1] == "both" and not came()  # the next job starts afresh

@@ -4,6 +4,7 @@ land in that MLflow and that store, and every mistake is one line."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import mlflow
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.errors import UserError
+from flows.submit import RayJobs
 from infra.services import free_port, start_ray_head
 
 runner = CliRunner()
@@ -115,11 +117,20 @@ def test_stop_a_running_job(cluster, tmp_path):
     result = physflow("submit", spec, "--set", "samples=4000", "--", "--workers", "1")
     assert result.exit_code == 0, result.output
     sid = result.output.split("submitted ", 1)[1].split()[0]
+    jobs = RayJobs()
+    deadline = time.monotonic() + 120
+    while "shards" not in jobs.logs(sid):  # the driver is at work
+        assert time.monotonic() < deadline, jobs.logs(sid)
+        time.sleep(0.2)
     stopped = physflow("stop", sid)
     assert stopped.exit_code == 0 and f"stopping {sid}" in stopped.output
     followed = physflow("logs", sid, "--follow")
     assert followed.exit_code == 1, followed.output
     assert f"job {sid} stopped" in followed.output
+    # SIGTERM: the driver stops as on Ctrl-C, with time for it before Ray kills it
+    assert "terminated: " in followed.output and "was not published" in followed.output
+    env = jobs.client.get_job_info(sid).runtime_env["env_vars"]
+    assert env["RAY_JOB_STOP_WAIT_TIME_S"] == "60"
 
 
 def test_ctrl_c_while_following_leaves_the_job_running_and_says_so(cluster, tmp_path,
