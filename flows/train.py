@@ -452,7 +452,10 @@ def train(
                 f"only {', '.join(RESUMABLE_CHANGES)} may change when resuming"
             )
         start, run_id = state["step"], state["run_id"]
-        if start > spec.training.steps or (resume is True and start == spec.training.steps):
+        # a run stopped after its last step but before its model was logged is finished
+        # by --resume: scored, logged and registered
+        finished = start == spec.training.steps and _logged_model(run_id) is not None
+        if start > spec.training.steps or (resume is True and finished):
             raise UserError(
                 f"{'--resume: ' if resume is True else ''}run {spec.name!r} is at step "
                 f"{start} already; set training.steps above it to train on"

@@ -192,6 +192,24 @@ def test_resume_continues_from_the_checkpoint(tiny):
         train(spec(name="never-ran"), tiny, resume=True)
 
 
+def test_a_run_stopped_after_its_last_step_is_finished_by_resume(tiny):
+    """Ctrl-C after the last step, before the model was scored and logged: the command the
+    message gives (--resume) scores, logs and registers it; then there is nothing left."""
+
+    def stop_at_the_end(step, total, loss):
+        if step == total:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(spec(), tiny, progress=stop_at_the_end)
+    finished = train(spec(), tiny, resume=True)
+    assert finished.resumed_from == 6 and finished.model_uri and finished.registered == "tiny"
+    run = mlflow.get_run(finished.run_id)
+    assert "test_rel_l2_mean" in run.data.metrics
+    with pytest.raises(UserError, match="is at step 6 already; set training.steps above it"):
+        train(spec(), tiny, resume=True)
+
+
 def test_only_the_newest_checkpoints_are_kept(tiny):
     from flows.train import Checkpoints
 
