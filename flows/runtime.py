@@ -14,6 +14,7 @@ import os
 import threading
 import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from actors.heap import HEAP_ENV
 from flows.errors import UserError
@@ -224,16 +225,35 @@ def start_local_ray(num_cpus: int) -> str:
     """A new Ray on this machine (never one already running here), on 127.0.0.1, without a
     dashboard, quiet; returns its GCS address."""
     import ray
+    from ray._private import ray_constants
 
-    with _token_auth_notice_hidden():
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-            _node_ip_address="127.0.0.1",
-        )
+    # Ray's single-machine mode (its default on macOS and Windows): every process of it,
+    # the GCS, raylet, agents and workers, listens on 127.0.0.1 alone. Otherwise they
+    # listen on every interface, and the agents on the machine's address.
+    saved = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER, cluster = False, ray_constants.ENABLE_RAY_CLUSTER
+    try:
+        with _token_auth_notice_hidden():
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+                _node_ip_address="127.0.0.1",
+            )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
+        if saved is None:
+            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
+        else:
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved
+    # the token Ray generates for it (the default path) is written readable by all users
+    token = Path.home() / ".ray" / "auth_token"
+    if "RAY_AUTH_TOKEN_PATH" not in os.environ and token.is_file():
+        if token.stat().st_mode & 0o077:
+            token.chmod(0o600)
     return ray.get_runtime_context().gcs_address
 
 

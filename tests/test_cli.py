@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -227,3 +230,30 @@ def test_interrupts_wait_for_a_deferred_block_then_arrive():
             os.kill(os.getpid(), signal.SIGTERM)
             done.append("both")
     assert done[-1] == "both" and not came()  # the next job starts afresh
+
+
+LISTENERS = """
+import psutil, ray
+from flows.runtime import start_local_ray
+
+start_local_ray(1)
+ray.get(ray.remote(lambda: 1).remote())  # a worker too
+me = psutil.Process()
+for p in [me, *me.children(recursive=True)]:
+    for c in p.net_connections(kind="tcp"):
+        if c.status == "LISTEN":
+            print(p.name(), c.laddr.ip)
+ray.shutdown()
+"""
+
+
+def test_the_embedded_ray_listens_on_loopback_only():
+    """GCS, raylet, agents, workers and the metrics exporters of the Ray a job starts on
+    this machine: none reachable from another (Ray's default on Linux: every interface)."""
+    out = subprocess.run([sys.executable, "-c", LISTENERS], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    listening = [line.split() for line in out.stdout.splitlines()]
+    names = {name for name, _ in listening}
+    assert {"gcs_server", "raylet"} <= names, out.stdout
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for _, ip in listening), out.stdout
