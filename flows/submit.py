@@ -73,10 +73,16 @@ PASSED_ENV = (
     "PHYSFLOW_DASK_ADDRESS",
 )
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD")
-# Any other name that says it holds a credential (RAY_AUTH_TOKEN, POSTGRES_PASSWORD, ...)
+# Any other name that says it holds a credential (RAY_AUTH_TOKEN, PGPASSWORD, DB_PASS,
+# GITHUB_PAT, OPENAI_APIKEY, AZURE_STORAGE_CONNECTION_STRING, ...); TOKENIZERS_* is not one
 SECRET_NAME = re.compile(
-    r"(?:^|_)(?:SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIALS?|PRIVATE_KEY|API_KEY)(?:_|$)", re.I
+    r"SECRET|PASSW|CREDENTIAL|PRIVATE_?KEY|API_?KEY|ACCESS_?KEY|CONNECTION_?STRING"
+    r"|TOKENS?(?:_|$)|(?:^|_)(?:PASS|PWD|PAT|AUTH)(?:_|$)",
+    re.I,
 )
+# A value that carries one: a connection string's key or password
+SECRET_VALUE = re.compile(r"(?:AccountKey|SharedAccessSignature|SharedAccessKey|Password|Pwd)=",
+                          re.I)  # fmt: skip
 ADDRESS_VARS = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 SPEC_FILE = "spec.yaml"
 CODE_PACKAGES = ("flows", "actors")
@@ -142,6 +148,13 @@ def prepare(
     # checkpoint and the MLflow run's end (an --env of the same name decides otherwise)
     job_env[STOP_WAIT_VAR] = explicit.setdefault(STOP_WAIT_VAR, str(STOP_WAIT_S))
     job_env.update(explicit)
+    storage = job_env.get("PHYSFLOW_STORAGE", "")
+    if storage and "://" not in storage and not Path(storage).expanduser().is_absolute():
+        raise UserError(
+            f"PHYSFLOW_STORAGE={storage}: a relative folder would be taken inside the job's "
+            f"working folder on the cluster, which Ray deletes; give an absolute path or "
+            f"an s3:// URL"
+        )
     default_id = f"physflow-{job}-{_slug(name)}-{_digest(spec_digest + code_digest)[:10]}"
     if submission_id is not None and not SUBMISSION_ID.fullmatch(submission_id):
         raise UserError(
@@ -227,7 +240,8 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
         key, sep, value = text.partition("=")
         if not sep or not key:
             raise UserError(f"--env {text!r}: expected NAME=value")
-        if key in SECRET_ENV or SECRET_NAME.search(key) or _has_password(value):
+        if (key in SECRET_ENV or SECRET_NAME.search(key) or SECRET_VALUE.search(value)
+                or _has_password(value)):  # fmt: skip
             raise UserError(
                 f"--env {key}: credentials are not sent with a job (they would be stored "
                 f"in its record); give them to the cluster instead (a Secret, or the "

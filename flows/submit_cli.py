@@ -32,7 +32,21 @@ NamespaceOption = Annotated[
     str | None,
     typer.Option(help="Kubernetes namespace [default: the kubeconfig context's, else physflow]"),
 ]
-IdArgument = Annotated[str, typer.Argument(help="submission id (or RayJob name)")]
+
+
+def _submission_id(value: str) -> str:
+    from flows.submit import SUBMISSION_ID
+
+    if not SUBMISSION_ID.fullmatch(value):
+        raise typer.BadParameter(
+            f"{value!r} is no job's id (letters, digits, '.', '_' and '-'; see physflow jobs)"
+        )
+    return value
+
+
+IdArgument = Annotated[
+    str, typer.Argument(help="submission id (or RayJob name)", callback=_submission_id)
+]
 
 
 def register(app, reports_errors, out, err) -> None:

@@ -270,3 +270,42 @@ def test_a_failed_jobs_message_gives_its_last_log_line_not_rays_log_header():
     )
     assert _job_message(ray) == failed
     assert _job_message(" Job was intentionally stopped. ") == "Job was intentionally stopped."
+
+
+@pytest.mark.parametrize(
+    "pair",
+    ["PGPASSWORD=x", "DB_PASS=x", "GITHUB_PAT=x", "OPENAI_APIKEY=x", "AWS_SECRETACCESSKEY=x",
+     "AZURE_STORAGE_CONNECTION_STRING=x", "CONN=DefaultEndpointsProtocol=https;AccountKey=k",
+     "HF_TOKEN=x", "MY_AUTH=x"],
+)  # fmt: skip
+def test_credentials_under_any_common_name_are_not_sent(pair):
+    from flows.submit import _parse_env
+
+    with pytest.raises(UserError, match="credentials are not sent with a job"):
+        _parse_env([pair])
+
+
+def test_ordinary_variables_are_sent():
+    from flows.submit import _parse_env
+
+    pairs = ["TOKENIZERS_PARALLELISM=false", "OMP_NUM_THREADS=2", "PATHS=a", "PASSES=3"]
+    assert _parse_env(pairs) == dict(p.split("=", 1) for p in pairs)
+
+
+@pytest.mark.parametrize("command", ["status", "logs", "stop"])
+@pytest.mark.parametrize("bad", ["", "?", "#", "?x=1", "a/b"])
+def test_an_id_no_job_can_have_is_one_line(command, bad):
+    result = physflow(command, bad, "--address", "http://127.0.0.1:9")
+    assert result.exit_code == 2, result.output
+    assert "is no job's id" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_relative_storage_folder_is_refused(tmp_path, monkeypatch):
+    spec = spec_file(tmp_path, "rel")
+    monkeypatch.setenv("PHYSFLOW_STORAGE", "reldir")
+    result = physflow("submit", spec, "--address", "http://127.0.0.1:9")
+    assert result.exit_code == 2 and "PHYSFLOW_STORAGE=reldir: a relative folder" in result.output
+    monkeypatch.delenv("PHYSFLOW_STORAGE")
+    result = physflow("submit", spec, "--address", "http://127.0.0.1:9", "--env",
+                      "PHYSFLOW_STORAGE=data")  # fmt: skip
+    assert result.exit_code == 2 and "PHYSFLOW_STORAGE=data: a relative folder" in result.output
