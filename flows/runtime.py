@@ -86,7 +86,9 @@ def local_cluster(workers: int) -> Iterator:
             dashboard_address=None,
             # The scheduler still serves health/metrics over HTTP: loopback, any free port.
             scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-            silence_logs=logging.ERROR,
+            # A failed task is the driver's to report (one line); the workers' own log of it
+            # (and of a lost scheduler on Ctrl-C) would come first, with a traceback.
+            silence_logs=logging.CRITICAL,
             env=WORKER_ENV,
         )
     try:
@@ -99,17 +101,21 @@ def local_cluster(workers: int) -> Iterator:
 def _workers_ignore_ctrl_c() -> Iterator[None]:
     """Spawn worker processes with SIGINT ignored (the disposition survives exec, and Python
     keeps it): Ctrl-C then reaches only the driver, which shuts the workers down cleanly
-    instead of each printing its own KeyboardInterrupt traceback."""
+    instead of each printing its own KeyboardInterrupt traceback. It is blocked meanwhile
+    as well, so that a Ctrl-C while the workers start is kept (Linux drops an ignored
+    signal unless it is blocked) and arrives once the driver's handler is back."""
     import signal
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 _SIGTERM_CAME = threading.Event()  # inside a `sigterm_requests_stop`

@@ -257,3 +257,20 @@ def test_the_embedded_ray_listens_on_loopback_only():
     names = {name for name, _ in listening}
     assert {"gcs_server", "raylet"} <= names, out.stdout
     assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for _, ip in listening), out.stdout
+
+
+def test_a_ctrl_c_while_dask_workers_start_is_kept_for_the_driver():
+    """Workers are spawned with Ctrl-C ignored; one pressed meanwhile reaches the driver
+    once they have started (it used to be dropped, and the job ran on to the end)."""
+    import os
+    import signal
+
+    from flows.runtime import _workers_ignore_ctrl_c
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with _workers_ignore_ctrl_c():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # what workers inherit
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append("the end of the start")
+    assert reached and signal.getsignal(signal.SIGINT) is signal.default_int_handler
