@@ -93,8 +93,15 @@ class Storage:
         return Storage(url=self.join(*parts), options=self.options)
 
     def check(self) -> Storage:
-        """Fail early, naming the bucket, if an S3 root's bucket does not exist."""
-        if not self.is_local:
+        """Fail early, naming the bucket, if an S3 root's bucket does not exist; a local
+        root is created, and one that cannot be is named."""
+        if self.is_local:
+            try:
+                Path(self.url).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                why = "a file, not a folder" if isinstance(exc, FileExistsError) else exc.strerror
+                raise UserError(f"storage {self.url}: cannot be a folder here ({why})") from None
+        else:
             bucket = self.url[5:].split("/", 1)[0]
             try:
                 self._guard(self.url, lambda: self.fs.call_s3("head_bucket", Bucket=bucket))

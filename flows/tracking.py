@@ -28,12 +28,26 @@ from flows.storage import physflow_home
 _MAX_PARAM_CHARS = 6000
 
 
+# The stores MLflow's client takes (a plain folder would be its retired file store)
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
 def tracking_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+        if scheme not in TRACKING_SCHEMES:
+            raise UserError(
+                f"MLFLOW_TRACKING_URI={uri}: not a tracking store (use http(s)://host:port, "
+                f"sqlite:///path.db or postgresql://…; unset, physflow uses its own)"
+            )
         return uri
     home = physflow_home()
-    home.mkdir(parents=True, exist_ok=True)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = "a file, not a folder" if isinstance(exc, FileExistsError) else exc.strerror
+        raise UserError(f"PHYSFLOW_HOME={home}: cannot be a folder here ({why})") from None
     return f"sqlite:///{home / 'mlflow.db'}"
 
 

@@ -180,6 +180,26 @@ def test_an_mlflow_server_that_is_not_up_is_one_line_at_once(home, monkeypatch):
     assert "Traceback" not in result.output and time.monotonic() - started < 60
 
 
+@pytest.mark.parametrize(
+    ("env", "args", "message"),
+    [
+        ({"MLFLOW_TRACKING_URI": "htp:/bad"}, ["runs"], "MLFLOW_TRACKING_URI=htp:/bad: not a"),
+        ({"MLFLOW_TRACKING_URI": "/tmp/x"}, ["runs"], "MLFLOW_TRACKING_URI=/tmp/x: not a track"),
+        ({"PHYSFLOW_HOME": "{file}"}, ["runs"], "PHYSFLOW_HOME={file}: cannot be a folder here"),
+        ({}, ["datasets", "--storage", "{file}"], "storage {file}: cannot be a folder here"),
+    ],
+)
+def test_a_bad_store_setting_is_one_line(home, tmp_path, env, args, message):
+    file = tmp_path / "notes.txt"
+    file.write_text("a file")
+    env = {k: v.format(file=file) for k, v in env.items()}
+    result = physflow(*[a.format(file=file) for a in args], **env)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {message.format(file=file)}" or (
+        message.format(file=file) in result.output and len(result.output.splitlines()) == 1
+    ), result.output
+
+
 def test_the_continue_hint_is_the_typed_command_or_in_a_job_its_submission(monkeypatch):
     from flows.cli_group import continue_with
 
