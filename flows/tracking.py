@@ -63,9 +63,21 @@ def _embedded_artifact_root(experiment: str) -> str | None:
 def _client():
     import mlflow
 
+    uri = tracking_uri()
     # Note: MLflow also exports this URI as MLFLOW_TRACKING_URI, for child processes.
-    mlflow.set_tracking_uri(tracking_uri())
-    return mlflow.MlflowClient()
+    mlflow.set_tracking_uri(uri)
+    if not uri.startswith("sqlite:///"):
+        return mlflow.MlflowClient()
+    # A new SQLite store creates its tables as it opens (MLflow keeps it open after): two
+    # jobs started together on a fresh folder would both create them, and one fail.
+    import fcntl
+
+    with open(uri.removeprefix("sqlite:///") + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return mlflow.MlflowClient()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _check_server(timeout_s: float = 5.0) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -294,3 +295,15 @@ def test_a_ctrl_c_while_dask_workers_start_is_kept_for_the_driver():
             os.kill(os.getpid(), signal.SIGINT)
             reached.append("the end of the start")
     assert reached and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_jobs_started_together_on_a_fresh_folder_share_its_new_store(tmp_path):
+    """The first jobs on a new PHYSFLOW_HOME create its SQLite store at once: one does,
+    the others wait for it (two used to create its tables, and all but one failed)."""
+    env = {**os.environ, "PHYSFLOW_HOME": str(tmp_path / "home")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cli = Path(sys.executable).parent / "physflow"
+    procs = [subprocess.Popen([str(cli), "runs"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(4)]  # fmt: skip
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outputs
