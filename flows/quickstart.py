@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pydantic import model_validator
 
+from flows.errors import UserError
 from flows.preprocess import PreprocessSpec, preprocess
 from flows.spec import Spec
 from flows.storage import Storage
@@ -30,6 +31,22 @@ class RunSpec(Spec):
 
     @model_validator(mode="after")
     def _same_pde(self) -> RunSpec:
+        pre = self.preprocess
+        if self.train.dataset != pre.name:
+            raise ValueError(
+                f"train.dataset: {self.train.dataset!r}, but physflow run trains on the data "
+                f"set it publishes ({pre.name!r}); physflow train takes any other"
+            )
+        if self.train.dataset_version not in (None, pre.version):
+            raise ValueError(
+                f"train.dataset_version: {self.train.dataset_version!r}, but physflow run "
+                f"trains on the version it publishes ({pre.version!r})"
+            )
+        if pre.test_fraction == 0:
+            raise ValueError(
+                "preprocess.test_fraction: 0 leaves no test split, which physflow run "
+                "evaluates the model on"
+            )
         simulated = self.preprocess.simulation
         if self.train.pde and simulated is not None and simulated.pde != self.train.pde:
             raise ValueError(
@@ -50,7 +67,10 @@ def run(
 ):
     storage = storage or Storage.from_env()
     training_device(spec.train)  # a device this machine lacks: said before any simulating
-    data, _ = preprocess(spec.preprocess, storage, dask_address, workers, preprocess_progress)
+    try:
+        data, _ = preprocess(spec.preprocess, storage, dask_address, workers, preprocess_progress)
+    except UserError as exc:  # its keys are under preprocess. here
+        raise UserError(str(exc).replace("--set version=", "--set preprocess.version=")) from None
     spec.train.dataset = data.folder
     result: TrainResult = train(
         spec.train, storage, resume="auto", progress=train_progress, ray_address=ray_address

@@ -447,9 +447,15 @@ def train(
         state = checkpoints.load(latest)
         if latest["spec_digest"] != digest:
             changed = spec_changes(state.get("spec", {}), spec.resolved())
-            raise UserError(
-                f"--resume: run {spec.name!r} was started from a different spec ({changed}); "
-                f"only {', '.join(RESUMABLE_CHANGES)} may change when resuming"
+            if resume is True:
+                raise UserError(
+                    f"--resume: run {spec.name!r} was started from a different spec "
+                    f"({changed}); only {', '.join(RESUMABLE_CHANGES)} may change when resuming"
+                )
+            raise UserError(  # `physflow run`, which continues a run of its name
+                f"run {spec.name!r} exists from a different spec ({changed}); continuing it, "
+                f"only {', '.join(RESUMABLE_CHANGES)} may change: to start afresh, give the "
+                f"new one another name (--set train.name=...)"
             )
         start, run_id = state["step"], state["run_id"]
         # a run stopped after its last step but before its model was logged is finished

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,21 @@ def test_a_run_spec_whose_training_states_another_pde_than_it_simulates_is_refus
     with pytest.raises(UserError, match="train.pde is navier-stokes, but "
                        "preprocess.simulation.pde is diffusion-sorption"):  # fmt: skip
         load_spec(RunSpec, tmp_path / "run.yaml")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("train.dataset=ns-tiny", "train.dataset: 'ns-tiny', but physflow run trains on the "
+                                  "data set it publishes ('ds-quickstart')"),
+        ("train.dataset_version=v99", "train.dataset_version: 'v99', but physflow run trains"),
+        ("preprocess.test_fraction=0", "preprocess.test_fraction: 0 leaves no test split"),
+    ],
+)  # fmt: skip
+def test_a_run_spec_trains_on_what_it_publishes_and_tests_it(change, message):
+    from flows.quickstart import RunSpec
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_spec(RunSpec, path, [change])
+    load_spec(RunSpec, path, ["train.dataset_version=v1"])  # the same version: fine

@@ -185,6 +185,13 @@ def test_resume_continues_from_the_checkpoint(tiny):
     assert rates == pytest.approx({s: 3e-3 * s / 100 for s in range(1, 10)})
     with pytest.raises(UserError, match=r"different spec \(training.lr: 0.003 -> 0.01\)"):
         train(spec(training__steps=12, training__lr=1e-2), tiny, resume=True)
+    # `physflow run` continues a run of its name: nobody typed --resume there
+    with pytest.raises(
+        UserError,
+        match=r"^run 'tiny' exists from a different spec \(training"
+        r".lr: 0.003 -> 0.01\).*another name \(--set train.name=...\)$",
+    ):
+        train(spec(training__steps=12, training__lr=1e-2), tiny, resume="auto")
     # another device is not another spec: a run may continue on another machine
     again = train(spec(training__steps=10, training__device="cpu"), tiny, resume=True)
     assert again.resumed_from == 9
