@@ -233,7 +233,14 @@ def evaluate(
     from flows.evaluate import evaluate_model
     from flows.storage import Storage
 
-    result = evaluate_model(model, dataset, version, Storage.from_env(storage).check(), limit=limit)
+    root = Storage.from_env(storage).check()
+    try:
+        with Progress(f"evaluate {model}", "samples") as update:
+            result = evaluate_model(model, dataset, version, root, limit=limit, progress=update)
+    except KeyboardInterrupt as stop:
+        typer.echo(f"{stopped(stop)}: nothing was logged; the same command scores it again",
+                   err=True)  # fmt: skip
+        raise typer.Exit(stop_code(stop)) from None
     out.print(
         f"{result.model_uri} on {result.dataset}: relative L2 {result.rel_l2_mean:.2%} "
         f"± {result.rel_l2_std:.2%} over {result.samples} test samples"

@@ -124,8 +124,10 @@ def evaluate_model(
     storage: Storage | None = None,
     batch_size: int = 4,
     limit: int | None = None,
+    progress=None,
 ) -> Evaluation:
     from flows import tracking
+    from flows.runtime import sigterm_requests_stop
     from flows.train import evaluate
 
     uri = model_uri(ref)
@@ -138,7 +140,8 @@ def evaluate_model(
             f"dataset {m.name}/{m.version} is {m.pde['name']!r}; model {uri} solves {model.pde!r}"
         )
     model = _on_grids_of(model, uri, m, field)
-    errors, _ = evaluate(model, data, field, batch_size, limit)
+    with sigterm_requests_stop(interrupt=True):  # as Ctrl-C: nothing scored is logged
+        errors, _ = evaluate(model, data, field, batch_size, limit, progress)
     errors = errors[:limit] if limit else errors
     spec = {"model": uri, "dataset": f"{m.name}/{m.version}", "limit": limit}
     label = re.sub(r"^runs:/([0-9a-f]{8})[0-9a-f]{24}/model$", r"\1", uri)  # a run: its id

@@ -390,11 +390,15 @@ def relative_l2(prediction, truth) -> np.ndarray:
     return (diff.norm(dim=1) / truth.reshape(len(truth), -1).norm(dim=1)).detach().cpu().numpy()
 
 
-def evaluate(model, dataset: Dataset, field: str, batch_size: int, limit: int | None = None):
-    """Relative L2 of every test sample, and (prediction, truth) of the first batch."""
+def evaluate(model, dataset: Dataset, field: str, batch_size: int, limit: int | None = None,
+             progress=None):  # fmt: skip
+    """Relative L2 of every test sample, and (prediction, truth) of the first batch;
+    `progress(done, total)` after each batch."""
     import torch
 
     errors, first = [], None
+    total = dataset.manifest.splits["test"].rows
+    total = min(total, limit) if limit is not None else total
     model.eval()
     with torch.no_grad():
         for batch in dataset.batches("test", batch_size=batch_size):
@@ -403,7 +407,10 @@ def evaluate(model, dataset: Dataset, field: str, batch_size: int, limit: int | 
             errors.append(relative_l2(u, truth))
             if first is None:
                 first = (u.cpu().numpy(), truth.cpu().numpy())
-            if limit is not None and sum(len(e) for e in errors) >= limit:
+            done = sum(len(e) for e in errors)
+            if progress is not None:
+                progress(min(done, total), total)
+            if limit is not None and done >= limit:
                 break
     model.train()
     return np.concatenate(errors), first

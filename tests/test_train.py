@@ -361,6 +361,13 @@ def test_cli_train_evaluate_and_user_errors(tiny, tmp_path):
     # the start of the id, as `physflow runs` prints it
     by_start = runner.invoke(app, ["evaluate", run_id[:8], "--dataset", "ds-tiny", "--limit", "1"])
     assert by_start.exit_code == 0, by_start.output
+    from flows.evaluate import evaluate_model
+
+    for limit, last in ((None, (2, 2)), (1, (1, 1))):  # progress after each batch, to the end
+        seen: list[tuple[int, int]] = []
+        evaluate_model(run_id, "ds-tiny", limit=limit, batch_size=1,
+                       progress=lambda done, total, s=seen: s.append((done, total)))  # fmt: skip
+        assert seen[-1] == last and len(seen) == last[0]
     assert f"runs:/{run_id}/model" in by_start.output, by_start.output
     scoring = mlflow.search_runs(experiment_names=["evaluate"])  # runs without a model
     assert set(scoring["tags.mlflow.runName"]) == {f"{run_id[:8]} on ds-tiny/v1",
