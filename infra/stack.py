@@ -101,16 +101,41 @@ def exports(state: dict[str, Any]) -> dict[str, str]:
     return dict(state.get("env") or {})
 
 
+class PortTaken(Exception):
+    """A port of the stack is in use by something else."""
+
+
+def _taken(ports: dict[str, int], names) -> list[str]:
+    taken = []
+    for name in names:
+        with socket.socket() as s:
+            # as the servers bind: a port with closed connections lingering is free
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((HOST, ports[name]))
+            except OSError:
+                taken.append(f"{ports[name]} ({name})")
+    return taken
+
+
 def up(ray: bool = False) -> dict[str, str]:
     root = stack_dir()
     state = _settings(load_state(root))
     alive = running(state)
-    if alive and (not ray or "ray" in alive):
+    wanted = {"seaweedfs", "mlflow", *(["ray"] if ray else [])}
+    if wanted <= alive.keys():
         return exports(state)
-    if alive:
+    if alive:  # a service has died, or the Ray head is wanted now: start them all again
         down()
         state = load_state(root)
     ports, creds = state["ports"], state["credentials"]
+    taken = _taken(ports, [*WEED_PORTS, "mlflow", *(RAY_PORTS if ray else ())])
+    if taken:
+        raise PortTaken(
+            f"port {', '.join(taken)} of the stack is taken by another program; stop it, "
+            f"or keep this stack's data in another folder, with ports of its own: "
+            f"PHYSFLOW_STACK_DIR=<folder> make stack-up"
+        )
     started = []
     try:
         s3 = start_seaweedfs(
@@ -141,12 +166,42 @@ def up(ray: bool = False) -> dict[str, str]:
     return env
 
 
+def stop_jobs(env: dict[str, str], wait_s: float = 90.0) -> list[str]:
+    """Stop the Ray head's running jobs as `physflow stop` does (SIGTERM: each saves what
+    it finished) and wait for them: their drivers are not in the head's process group."""
+    import time
+
+    from ray.job_submission import JobSubmissionClient
+
+    headers = {"Authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}
+    try:
+        client = JobSubmissionClient(env["RAY_API_SERVER_ADDRESS"], headers=headers)
+        ids = [j.submission_id for j in client.list_jobs()
+               if j.submission_id and not j.status.is_terminal()]  # fmt: skip
+        for sid in ids:
+            client.stop_job(sid)
+        deadline, waiting = time.monotonic() + wait_s, list(ids)
+        while waiting and time.monotonic() < deadline:
+            time.sleep(0.5)
+            waiting = [s for s in waiting if not client.get_job_status(s).is_terminal()]
+    except Exception as exc:  # noqa: BLE001 - a head that no longer answers has no jobs
+        print(f"# the Ray jobs could not be stopped ({type(exc).__name__})", file=sys.stderr)
+        return []
+    return ids
+
+
 def down() -> list[str]:
-    """Stop what runs; keep the data, the ports and the credentials."""
+    """Stop what runs (the Ray head's jobs first); keep the data, the ports and the
+    credentials."""
     root = stack_dir()
     state = load_state(root)
     stopped = []
-    for name, pgid in running(state).items():
+    alive = running(state)
+    if "ray" in alive and "RAY_API_SERVER_ADDRESS" in (state.get("env") or {}):
+        jobs = stop_jobs(state["env"])
+        if jobs:
+            print(f"# stopped {len(jobs)} running job(s): {', '.join(jobs)}")
+    for name, pgid in alive.items():
         stop_group(pgid)
         stopped.append(name)
     if state.get("ray_scratch"):
@@ -167,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         stopped = down()
         print(f"stopped: {', '.join(stopped) or 'nothing was running'}; data kept in {stack_dir()}")
         return 0
-    env = up(args.ray) if args.action == "up" else exports(load_state(stack_dir()))
+    try:
+        env = up(args.ray) if args.action == "up" else exports(load_state(stack_dir()))
+    except PortTaken as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not env:
         print("the stack is not running: make stack-up", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import pytest
 import s3fs
 
 from infra import stack
@@ -56,5 +57,22 @@ def test_a_restarted_stack_keeps_its_data_ports_and_credentials(tmp_path, monkey
         )
         assert fs.cat_file("physflow/data/kept.txt") == b"still here"
         assert mlflow.get_experiment_by_name("kept").experiment_id == experiment_id
+        # a service that died is started again (with the rest), not reported as up
+        from infra.services import stop_group
+
+        stop_group(stack.running(stack.load_state(tmp_path / "stack"))["mlflow"])
+        assert stack.up() == env
+        assert mlflow.get_experiment_by_name("kept").experiment_id == experiment_id
     finally:
         stack.down()
+    # a port of it taken by another program: said, nothing started
+    import socket
+
+    port = int(env["MLFLOW_TRACKING_URI"].rsplit(":", 1)[1])
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # its last connections
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        with pytest.raises(stack.PortTaken, match=f"port {port} \\(mlflow\\) of the stack is"):
+            stack.up()
+    assert stack.running(stack.load_state(tmp_path / "stack")) == {}
