@@ -9,6 +9,7 @@ so that a restarted stack serves what the last one stored.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -175,7 +176,14 @@ def start_seaweedfs(
     if buckets:
         cmd.append(f"-bucket={','.join(buckets)}")
     creds = {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
-    process = _spawn(cmd, data_dir / "weed.log", creds)
+    # The S3 gateway asks for credentials; the filer's and the volume server's own HTTP
+    # APIs (the same data, on their own ports) ask for a token signed with keys only this
+    # process holds (security.toml's [jwt.*], given as WEED_* variables).
+    signing = {
+        f"WEED_JWT_{part}_KEY": secrets.token_hex(16)
+        for part in ("SIGNING", "SIGNING_READ", "FILER_SIGNING", "FILER_SIGNING_READ")
+    }
+    process = _spawn(cmd, data_dir / "weed.log", {**creds, **signing})
     url = f"http://{HOST}:{s3_port}"
     service = Service(
         "seaweedfs",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -37,6 +39,15 @@ def test_a_restarted_stack_keeps_its_data_ports_and_credentials(tmp_path, monkey
             skip_instance_cache=True,
         )
         fs.pipe_file("physflow/data/kept.txt", b"still here")
+        # the same data over the filer's own HTTP API: refused without the signed token
+        filer = stack.load_state(tmp_path / "stack")["ports"]["filer.port"]
+        for method in ("GET", "PUT", "DELETE"):
+            url = f"http://127.0.0.1:{filer}/buckets/physflow/data/kept.txt"
+            request = urllib.request.Request(
+                url, method=method, data=b"x" if method == "PUT" else None
+            )
+            with pytest.raises(urllib.error.HTTPError, match="401"):
+                urllib.request.urlopen(request, timeout=10)
         mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
         experiment_id = mlflow.create_experiment("kept")
         assert stack.up() == env  # already up: the same stack, not a second one
