@@ -303,7 +303,10 @@ def datasets_list(ctx: typer.Context, storage: StorageOption = None) -> None:
     from flows.storage import Storage
 
     root = Storage.from_env(storage).check()
-    manifests = list_datasets(root)
+    unreadable: list[str] = []
+    manifests = list_datasets(root, unreadable)
+    for problem in unreadable:
+        err.print(f"skipped: {problem}", soft_wrap=True)
     if not manifests:
         out.print(f"no data sets published in {root.url}")
         return

@@ -125,12 +125,17 @@ def list_versions(storage: Storage, name: str) -> list[str]:
     return sorted(versions, key=_version_key)
 
 
-def list_datasets(storage: Storage) -> list[DatasetManifest]:
-    """Every published version under `storage`, by name then version."""
+def list_datasets(storage: Storage, unreadable: list[str] | None = None) -> list[DatasetManifest]:
+    """Every published version under `storage`, by name then version; one whose manifest
+    is corrupt is left out (and its error appended to `unreadable`, if given)."""
     out = []
     for name in storage.list_dirs(storage.join("datasets")):
         for version in list_versions(storage, name):
-            out.append(read_manifest(version_folder(storage, name, version)))
+            try:
+                out.append(read_manifest(version_folder(storage, name, version)))
+            except JobFailure as exc:
+                if unreadable is not None:
+                    unreadable.append(str(exc))
     return out
 
 
@@ -264,7 +269,8 @@ def resolve(ref: str, version: str | None = None, storage: Storage | None = None
     check_name(ref, "data set")
     versions = list_versions(storage, ref)
     if not versions:
-        known = sorted({m.name for m in list_datasets(storage)})
+        names = storage.list_dirs(storage.join("datasets"))
+        known = sorted(n for n in names if list_versions(storage, n))
         raise UserError(
             f"data set {ref!r} not found in {storage.url} (published: {', '.join(known) or 'none'})"
         )

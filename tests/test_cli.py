@@ -307,3 +307,17 @@ def test_jobs_started_together_on_a_fresh_folder_share_its_new_store(tmp_path):
                               stderr=subprocess.STDOUT, text=True) for _ in range(4)]  # fmt: skip
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, outputs
+
+
+def test_a_corrupt_manifest_is_named_and_hides_nothing_else(home):
+    broken = home / "datasets" / "broken" / "v1"
+    broken.mkdir(parents=True)
+    (broken / "manifest.json").write_text("{not json")
+    listed = physflow("datasets")
+    assert listed.exit_code == 0, listed.output
+    assert "skipped: " in listed.output and "broken/v1/manifest.json: manifest is corrupt" in (
+        listed.output.replace("\n", "")
+    )
+    missing = physflow("datasets", "show", "nosuch")
+    assert missing.exit_code == 2 and "'nosuch' not found" in missing.output
+    assert "(published: broken)" in missing.output  # the other data set, not its corruption
