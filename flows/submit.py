@@ -523,6 +523,11 @@ class RayJobs:
                 ) from None
             if "does not exist" in text or "status code 404" in text:
                 raise UserError(f"no job {submission_id!r} on {self.address}") from None
+            if "Jobs API is not supported" in text:  # another server answers there
+                raise UserError(
+                    f"{self.address} is not a Ray cluster's job API (it answers, but not as "
+                    f"Ray's dashboard does; that is on port 8265 by default)"
+                ) from None
             raise JobFailure(f"{where}: {_ray_reason(text)}") from None
 
 

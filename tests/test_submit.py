@@ -309,3 +309,23 @@ def test_a_relative_storage_folder_is_refused(tmp_path, monkeypatch):
     result = physflow("submit", spec, "--address", "http://127.0.0.1:9", "--env",
                       "PHYSFLOW_STORAGE=data")  # fmt: skip
     assert result.exit_code == 2 and "PHYSFLOW_STORAGE=data: a relative folder" in result.output
+
+
+def test_an_address_where_another_server_answers_is_one_line(monkeypatch):
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # the server's log is not physflow's output
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "x")
+    try:
+        result = physflow("jobs", "--address", f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+    assert result.exit_code == 2, result.output
+    assert "is not a Ray cluster's job API" in result.output
+    assert len(result.output.strip().splitlines()) == 1
