@@ -473,6 +473,7 @@ def _pool(spec: NASSpec, net, validation):
 
 def _search(spec, net, space, validation, folder, run, reference, progress) -> NASResult:
     from actors.nas import front, hypervolume, run_search
+    from flows.runtime import ray_is_ending
 
     objectives = spec.objectives
     history = folder.rows()
@@ -517,7 +518,8 @@ def _search(spec, net, space, validation, folder, run, reference, progress) -> N
             session=session,
         )
     finally:
-        pool.close()
+        if not ray_is_ending():  # its actors end with this process's lost Ray
+            pool.close()
     rows = outcome.rows
     current = front(rows, objectives)
     if not current:

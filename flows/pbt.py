@@ -382,7 +382,12 @@ def run_pbt(
     """Run (or with `resume`, continue) the search; returns the winner and where to look."""
     from actors.pbt import MetricMissing, PopulationFailed
     from flows import tracking
-    from flows.runtime import ray_session, reporting_stops, sigterm_requests_stop
+    from flows.runtime import (
+        ray_is_ending,
+        ray_session,
+        reporting_stops,
+        sigterm_requests_stop,
+    )
 
     storage = storage or Storage.from_env()
     t_start = time.perf_counter()
@@ -443,7 +448,8 @@ def run_pbt(
         except PopulationFailed as exc:
             raise JobFailure(f"search {spec.name!r}: {exc}") from None
         finally:
-            population.close()
+            if not ray_is_ending():  # its actors end with this process's lost Ray
+                population.close()
         tracker.finish(lineage)
         overhead = overhead_fraction(population.timing)
         data = lineage_document(spec, lineage, tracker.runs)

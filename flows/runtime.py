@@ -209,6 +209,7 @@ def reporting_stops(report: Callable[..., None] | None, terminated: Callable[[],
 # Ray -----------------------------------------------------------------------------------
 
 RAY_ADDRESS_VAR = "RAY_ADDRESS"
+LOOPBACK = ("127.0.0.1", "localhost")
 
 
 @contextlib.contextmanager
@@ -227,40 +228,50 @@ def _token_auth_notice_hidden() -> Iterator[None]:
         notices.removeFilter(enabled_notice)
 
 
+@contextlib.contextmanager
+def _single_machine_mode() -> Iterator[None]:
+    """Ray's single-machine mode (its default on macOS and Windows) while inside: a Ray
+    started listens on 127.0.0.1 alone (otherwise on every interface, its agents on this
+    host's address), and a Ray at 127.0.0.1 is joined there (otherwise at this host's
+    address, where it does not listen)."""
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved = os.environ.get(name)
+    os.environ[name] = "0"  # for the processes it starts
+    ray_constants.ENABLE_RAY_CLUSTER, cluster = False, ray_constants.ENABLE_RAY_CLUSTER
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
+        if saved is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = saved
+
+
 def start_local_ray(num_cpus: int) -> str:
     """A new Ray on this machine (never one already running here), on 127.0.0.1, without a
     dashboard, quiet; returns its GCS address."""
     import ray
-    from ray._private import ray_constants
 
-    # Ray's single-machine mode (its default on macOS and Windows): every process of it,
-    # the GCS, raylet, agents and workers, listens on 127.0.0.1 alone. Otherwise they
-    # listen on every interface, and the agents on the machine's address.
-    saved = os.environ.get(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER, cluster = False, ray_constants.ENABLE_RAY_CLUSTER
-    try:
-        with _token_auth_notice_hidden():
-            ray.init(
-                address="local",
-                num_cpus=num_cpus,
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-                log_to_driver=False,
-                _node_ip_address="127.0.0.1",
-            )
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = cluster
-        if saved is None:
-            os.environ.pop(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR)
-        else:
-            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = saved
+    # every process of it, the GCS, raylet, agents and workers, on 127.0.0.1 alone
+    with _single_machine_mode(), _token_auth_notice_hidden():
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+        )
+        address = ray.get_runtime_context().gcs_address  # with 127.0.0.1, not this host's
     # the token Ray generates for it (the default path) is written readable by all users
     token = Path.home() / ".ray" / "auth_token"
     if "RAY_AUTH_TOKEN_PATH" not in os.environ and token.is_file():
         if token.stat().st_mode & 0o077:
             token.chmod(0o600)
-    return ray.get_runtime_context().gcs_address
+    return address
 
 
 def ray_is_ending() -> bool:
@@ -275,7 +286,8 @@ def _started_here() -> bool:
     try:
         import ray
 
-        return ray._private.worker._global_node is not None  # None: a cluster joined
+        node = ray._private.worker._global_node
+        return node is not None and node.head  # not a cluster joined
     except Exception:  # Ray's internals moved
         return False
 
@@ -335,7 +347,9 @@ def ray_session(address: str | None = None, enabled: bool = True) -> Iterator[No
     try:
         with _sigterm_handler_kept():
             if address:
-                with _token_auth_notice_hidden():
+                host = address.rsplit("://", 1)[-1].rsplit(":", 1)[0]
+                here = _single_machine_mode() if host in LOOPBACK else contextlib.nullcontext()
+                with here, _token_auth_notice_hidden():
                     ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
             else:
                 start_local_ray(os.cpu_count() or 1)
