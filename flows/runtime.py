@@ -101,9 +101,10 @@ def local_cluster(workers: int) -> Iterator:
 def _workers_ignore_ctrl_c() -> Iterator[None]:
     """Spawn worker processes with SIGINT ignored (the disposition survives exec, and Python
     keeps it): Ctrl-C then reaches only the driver, which shuts the workers down cleanly
-    instead of each printing its own KeyboardInterrupt traceback. It is blocked meanwhile
-    as well, so that a Ctrl-C while the workers start is kept (Linux drops an ignored
-    signal unless it is blocked) and arrives once the driver's handler is back."""
+    instead of each printing its own KeyboardInterrupt traceback. The main thread blocks it
+    meanwhile as well, so that a Ctrl-C it gets while the workers start is kept (Linux
+    drops an ignored signal unless it is blocked) and arrives once the driver's handler is
+    back. (One the kernel hands to another thread of the driver is still dropped.)"""
     import signal
 
     if threading.current_thread() is not threading.main_thread():
