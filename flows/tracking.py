@@ -72,7 +72,13 @@ def _client():
     # jobs started together on a fresh folder would both create them, and one fail.
     import fcntl
 
-    with open(uri.removeprefix("sqlite:///") + ".lock", "a") as lock:
+    database = Path(uri.removeprefix("sqlite:///"))
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)  # as MLflow would
+        lock = open(f"{database}.lock", "a")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise UserError(f"MLflow store {uri}: cannot be created ({exc.strerror})") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             return mlflow.MlflowClient()

@@ -188,6 +188,11 @@ def test_an_mlflow_server_that_is_not_up_is_one_line_at_once(home, monkeypatch):
         ({"MLFLOW_TRACKING_URI": "/tmp/x"}, ["runs"], "MLFLOW_TRACKING_URI=/tmp/x: not a track"),
         ({"PHYSFLOW_HOME": "{file}"}, ["runs"], "PHYSFLOW_HOME={file}: cannot be a folder here"),
         ({}, ["datasets", "--storage", "{file}"], "storage {file}: cannot be a folder here"),
+        (
+            {"MLFLOW_TRACKING_URI": "sqlite:///{file}/m.db"},
+            ["runs"],
+            "MLflow store sqlite:///{file}/m.db: cannot be created",
+        ),
     ],
 )
 def test_a_bad_store_setting_is_one_line(home, tmp_path, env, args, message):
