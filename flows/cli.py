@@ -488,15 +488,16 @@ for _module in ("flows.pbt_cli", "flows.nas_cli", "flows.submit_cli"):
 
 
 def main() -> None:
-    from flows.runtime import local_ray_ended
-
     try:
         app(prog_name="physflow")
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except SystemExit as end:
-        if local_ray_ended():  # its core worker would crash the interpreter's exit
+        # This process ended its own Ray: Ray's core worker would crash the interpreter's
+        # exit. (Runtime not imported: no Ray was started.)
+        runtime = sys.modules.get("flows.runtime")
+        if runtime is not None and runtime.local_ray_ended():
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(end.code if isinstance(end.code, int) else 1)

@@ -146,7 +146,7 @@ def prepare(
             )
     # Ray sends a stopped job SIGTERM and kills it 3 s later by default: time for a paper-size
     # checkpoint and the MLflow run's end (an --env of the same name decides otherwise)
-    job_env[STOP_WAIT_VAR] = explicit.setdefault(STOP_WAIT_VAR, str(STOP_WAIT_S))
+    explicit.setdefault(STOP_WAIT_VAR, str(STOP_WAIT_S))
     job_env.update(explicit)
     storage = job_env.get("PHYSFLOW_STORAGE", "")
     if storage and "://" not in storage and not Path(storage).expanduser().is_absolute():

@@ -60,16 +60,19 @@ def _embedded_artifact_root(experiment: str) -> str | None:
     return (database.parent / "mlartifacts" / experiment).as_uri()
 
 
+_OPENED: set[str] = set()  # SQLite stores this process has opened: their tables exist
+
+
 def _client():
     import mlflow
 
     uri = tracking_uri()
     # Note: MLflow also exports this URI as MLFLOW_TRACKING_URI, for child processes.
     mlflow.set_tracking_uri(uri)
-    if not uri.startswith("sqlite:///"):
+    if not uri.startswith("sqlite:///") or uri in _OPENED:
         return mlflow.MlflowClient()
-    # A new SQLite store creates its tables as it opens (MLflow keeps it open after): two
-    # jobs started together on a fresh folder would both create them, and one fail.
+    # A new SQLite store creates its tables as it opens: two jobs started together on a
+    # fresh folder would both create them, and one fail. One opens it at a time.
     import fcntl
 
     database = Path(uri.removeprefix("sqlite:///"))
@@ -81,9 +84,11 @@ def _client():
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return mlflow.MlflowClient()
+            client = mlflow.MlflowClient()
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+    _OPENED.add(uri)
+    return client
 
 
 def _check_server(timeout_s: float = 5.0) -> None:

@@ -60,16 +60,21 @@ def save_state(root: Path, state: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _free(port: int) -> bool:
+    """Whether a server could listen on `port` (as servers bind: closed connections that
+    linger there do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+            return True
+        except OSError:
+            return False
+
+
 def _port(name: str) -> int:
     preferred = PREFERRED.get(name)
-    if preferred is not None:
-        with socket.socket() as s:
-            try:
-                s.bind((HOST, preferred))
-                return preferred
-            except OSError:
-                pass
-    return free_port()
+    return preferred if preferred is not None and _free(preferred) else free_port()
 
 
 def _settings(state: dict[str, Any]) -> dict[str, Any]:
@@ -105,19 +110,6 @@ class PortTaken(Exception):
     """A port of the stack is in use by something else."""
 
 
-def _taken(ports: dict[str, int], names) -> list[str]:
-    taken = []
-    for name in names:
-        with socket.socket() as s:
-            # as the servers bind: a port with closed connections lingering is free
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((HOST, ports[name]))
-            except OSError:
-                taken.append(f"{ports[name]} ({name})")
-    return taken
-
-
 def up(ray: bool = False) -> dict[str, str]:
     root = stack_dir()
     state = _settings(load_state(root))
@@ -129,7 +121,8 @@ def up(ray: bool = False) -> dict[str, str]:
         down()
         state = load_state(root)
     ports, creds = state["ports"], state["credentials"]
-    taken = _taken(ports, [*WEED_PORTS, "mlflow", *(RAY_PORTS if ray else ())])
+    names = [*WEED_PORTS, "mlflow", *(RAY_PORTS if ray else ())]
+    taken = [f"{ports[n]} ({n})" for n in names if not _free(ports[n])]
     if taken:
         raise PortTaken(
             f"port {', '.join(taken)} of the stack is taken by another program; stop it, "
