@@ -426,7 +426,12 @@ def train(
     import torch
 
     from flows import tracking
-    from flows.runtime import ray_is_ending, ray_session, sigterm_requests_stop
+    from flows.runtime import (
+        interrupts_deferred,
+        ray_is_ending,
+        ray_session,
+        sigterm_requests_stop,
+    )
 
     storage = storage or Storage.from_env()
     t_start = time.perf_counter()
@@ -523,10 +528,12 @@ def train(
             _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress,
                   stop_requested)  # fmt: skip
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`Terminated`)
-            if done.get("unlogged"):  # the last step's metrics, between two log steps
-                run.log_metrics(*done["unlogged"])
-            run.set_tags({"interrupted_at_step": done["step"]})
-            checkpoint(done["step"], run.run_id)
+            # a second Ctrl-C (people press it twice) waits for the checkpoint to be saved
+            with interrupts_deferred():
+                if done.get("unlogged"):  # the last step's metrics, between two log steps
+                    run.log_metrics(*done["unlogged"])
+                run.set_tags({"interrupted_at_step": done["step"]})
+                checkpoint(done["step"], run.run_id)
             raise
         finally:
             if model.executor is not None:

@@ -480,6 +480,32 @@ def test_sigterm_saves_the_last_step_and_resume_continues(tiny, tmp_path, to):
     assert more.resumed_from == step and more.run_id == run.info.run_id
 
 
+def test_a_second_ctrl_c_waits_for_the_first_ones_checkpoint(tiny, monkeypatch):
+    """People press Ctrl-C twice: the second, arriving while the first one's checkpoint is
+    being written, waits for it to be saved, then stops the job as the first would have."""
+    real_save = Checkpoints.save
+    pressed = []
+
+    def save(self, state):
+        if state["step"] == 2 and not pressed:  # the save the first Ctrl-C asked for
+            pressed.append(True)
+            signal.raise_signal(signal.SIGINT)
+        return real_save(self, state)
+
+    def progress(step, steps, loss):
+        if step == 2:
+            raise KeyboardInterrupt  # the first Ctrl-C, after step 2 (checkpoints: every 3)
+
+    monkeypatch.setattr(Checkpoints, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        train(spec(name="twice"), tiny, progress=progress)
+    assert pressed
+    latest = Checkpoints(tiny, "twice").latest()
+    assert latest is not None and latest["step"] == 2
+    mlflow.set_tracking_uri(tracking_uri())
+    assert mlflow.get_run(latest["run_id"]).data.tags["interrupted_at_step"] == "2"
+
+
 def test_a_model_is_scored_on_a_finer_grid_of_its_domain(tiny, dask_address):
     """The paper scores Navier-Stokes models trained on 64² on 256²: `evaluate` puts a model
     on a data set's other grid of the same domain (the same weights, the same splits)."""
