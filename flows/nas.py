@@ -300,10 +300,20 @@ def run_nas(
     training_progress=None,
     ray_address: str | None = None,
 ) -> NASResult:
+    from flows.lease import Lease
+
+    storage = storage or Storage.from_env()
+    # one job at a time runs a search: a second is refused before it reads anything
+    with Lease(storage, ("runs", spec.name, "nas"), f"search {spec.name!r}") as lease:
+        return _run_nas(spec, storage, resume, lease.guarding(progress),
+                        lease.guarding(training_progress), ray_address)  # fmt: skip
+
+
+def _run_nas(spec: NASSpec, storage: Storage, resume: bool, progress, training_progress,
+             ray_address) -> NASResult:  # fmt: skip
     from flows import tracking
     from flows.runtime import ray_session, reporting_stops, sigterm_requests_stop
 
-    storage = storage or Storage.from_env()
     started = time.perf_counter()
     problem = open_problem(spec, storage)
     check_spec(spec, problem.net)

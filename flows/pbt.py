@@ -380,6 +380,15 @@ def run_pbt(
     ray_address: str | None = None,
 ) -> PbtResult:
     """Run (or with `resume`, continue) the search; returns the winner and where to look."""
+    from flows.lease import Lease
+
+    storage = storage or Storage.from_env()
+    # one job at a time runs a search: a second is refused before it reads anything
+    with Lease(storage, ("pbt", spec.name), f"search {spec.name!r}") as lease:
+        return _run_pbt(spec, storage, resume, lease.guarding(progress), ray_address)
+
+
+def _run_pbt(spec: PbtSpec, storage: Storage, resume: bool, progress, ray_address) -> PbtResult:
     from actors.pbt import MetricMissing, PopulationFailed
     from flows import tracking
     from flows.runtime import (
@@ -389,7 +398,6 @@ def run_pbt(
         sigterm_requests_stop,
     )
 
-    storage = storage or Storage.from_env()
     t_start = time.perf_counter()
     folder = storage.join("pbt", spec.name)
     state_path = storage.join("pbt", spec.name, "state.json")

@@ -423,6 +423,15 @@ def train(
     progress=None,
     ray_address: str | None = None,
 ) -> TrainResult:
+    from flows.lease import Lease
+
+    storage = storage or Storage.from_env()
+    # one job at a time continues a run: a second is refused before it reads anything
+    with Lease(storage, ("runs", spec.name, "checkpoints"), f"run {spec.name!r}") as lease:
+        return _train(spec, storage, resume, progress, ray_address, lease)
+
+
+def _train(spec: TrainSpec, storage: Storage, resume, progress, ray_address, lease) -> TrainResult:
     import torch
 
     from flows import tracking
@@ -433,7 +442,6 @@ def train(
         sigterm_requests_stop,
     )
 
-    storage = storage or Storage.from_env()
     t_start = time.perf_counter()
     device = training_device(spec)
     heap.use_in_this_process()  # the driver's buffers reused from step to step
@@ -482,6 +490,7 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
 
     def checkpoint(step: int, run_id: str) -> None:
+        lease.check()
         checkpoints.save(
             {
                 "step": step,
@@ -558,6 +567,7 @@ def train(
         if kept is not None:
             model_uri, registered = kept, spec.register_as or spec.name
         else:  # logged from the CPU: a model saved with CUDA tensors needs a GPU to unpickle
+            lease.check()
             model_uri, registered = _log_model(run, model.cpu(), problem, spec)
     return TrainResult(
         run_id=run.run_id,
@@ -622,8 +632,10 @@ def _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress,
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        def counted(step=step) -> None:
+        def counted(loss, norm, step=step, lr=lr) -> None:
             done["step"] = step + 1
+            # what an interrupt before this step's metrics are complete logs for it
+            done["unlogged"] = ({"loss": float(loss), "grad_norm": float(norm), "lr": lr}, step + 1)
 
         loss, norm, solved = _train_step(model, optimizer, train_data, t, t.seed, step,
                                          updated=counted)  # fmt: skip
@@ -658,7 +670,7 @@ def _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress,
 def _train_step(model, optimizer, train_data, t: TrainingSpec, seed: int, step: int,
                 grad_clip: float | None = None, updated=None):  # fmt: skip
     """One optimiser step on the batch and collocation points of (seed, step) -> (loss,
-    gradient norm, the experts' record); `updated()` is called with the update, neither
+    gradient norm, the experts' record); `updated(loss, norm)` is called with the update, neither
     interrupted between them."""
     import torch
 
@@ -672,7 +684,7 @@ def _train_step(model, optimizer, train_data, t: TrainingSpec, seed: int, step: 
     with interrupts_deferred():
         optimizer.step()
         if updated is not None:
-            updated()
+            updated(loss.detach(), norm)
     return loss, norm, solved
 
 

@@ -457,6 +457,10 @@ def test_sigterm_saves_the_last_step_and_resume_continues(tiny, tmp_path, to):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "no checkpoint within 2 minutes"
         time.sleep(0.05)
+    # the same run started again while this one trains: refused, nothing read or written
+    again = runner.invoke(app, ["train", str(path), "--resume"])
+    assert again.exit_code == 2, again.output
+    assert f"run {endless.name!r}: another job is writing it (pid {proc.pid} on " in again.output
     time.sleep(0.5)  # past the checkpoint, into the steps after it
     os.killpg(proc.pid, signal.SIGTERM) if to == "group" else proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=45)  # Ray would hang a minute on its lost GCS
@@ -504,6 +508,30 @@ def test_a_second_ctrl_c_waits_for_the_first_ones_checkpoint(tiny, monkeypatch):
     assert latest is not None and latest["step"] == 2
     mlflow.set_tracking_uri(tracking_uri())
     assert mlflow.get_run(latest["run_id"]).data.tags["interrupted_at_step"] == "2"
+
+
+def test_an_interrupt_right_after_an_update_logs_that_steps_loss(tiny, monkeypatch):
+    """Ctrl-C between a step's update and the rest of its metrics: the checkpoint holds
+    that step, and so does the loss history (it used to end one step short)."""
+    import flows.train as train_module
+
+    real = train_module._expert_metrics
+
+    def metrics(solved, seconds, executor):
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # in step 2, after its update and count
+        calls.append(1)
+        return real(solved, seconds, executor)
+
+    calls: list[int] = []
+    monkeypatch.setattr(train_module, "_expert_metrics", metrics)
+    with pytest.raises(KeyboardInterrupt):
+        train(spec(name="cut"), tiny)
+    latest = Checkpoints(tiny, "cut").latest()
+    assert latest["step"] == 2
+    mlflow.set_tracking_uri(tracking_uri())
+    history = mlflow.MlflowClient().get_metric_history(latest["run_id"], "loss")
+    assert sorted(m.step for m in history) == [1, 2]
 
 
 def test_a_model_is_scored_on_a_finer_grid_of_its_domain(tiny, dask_address):
