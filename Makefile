@@ -57,7 +57,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.submit --quick
 
 ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.physflow/mlflow.db \
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(or $(PHYSFLOW_HOME),.physflow))/mlflow.db \
 		--host 127.0.0.1 --port 5000
 
 stack-up: $(STAMP)

@@ -568,7 +568,10 @@ def outcome(state: JobState) -> None:
         + (f" with exit code {state.exit_code}" if state.exit_code else "")
         + (f": {_first_line(state.message)}" if state.message else "")
     )
-    failure.exit_code = state.exit_code if state.exit_code and state.exit_code > 0 else 1
+    if state.exit_code and state.exit_code > 0:
+        failure.exit_code = state.exit_code
+    else:  # Ray records no driver exit code for a job it stopped: SIGTERM's, as a shell's
+        failure.exit_code = 143 if state.status == "STOPPED" else 1
     raise failure
 
 

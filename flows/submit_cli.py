@@ -111,8 +111,9 @@ def register(app, reports_errors, out, err) -> None:
         prepared = sub_mod.prepare(spec, set_ or [], job, submission_id, env or [], job_args or [])
         if not kubernetes and "PHYSFLOW_STORAGE" not in prepared.env:
             err.print(
-                "note: PHYSFLOW_STORAGE is not set: the job writes under its working "
-                "directory on the cluster, which goes when the job ends"
+                "note: PHYSFLOW_STORAGE is not set here: the job writes where the cluster's "
+                "own PHYSFLOW_STORAGE says, or, on a cluster without one, under its working "
+                "directory, which goes when the job ends"
             )
         if kubernetes:
             from flows.submit_kubernetes import KubeRayJobs
@@ -210,7 +211,14 @@ def register(app, reports_errors, out, err) -> None:
                 state = client.follow(submission_id, _write)
             outcome(state)
         else:
-            _write(client.logs(submission_id))
+            text = client.logs(submission_id)
+            _write(text)
+            if not text and kubernetes:
+                err.print(
+                    f"note: no output: {submission_id}'s submitter pod has not started, or is "
+                    f"gone with its log (kubectl -n {client.namespace} get pods "
+                    f"-l job-name={submission_id})"
+                )
 
     @app.command()
     @reports_errors

@@ -17,6 +17,7 @@ there, none found, access refused) becomes one `UserError` line.
 
 from __future__ import annotations
 
+import codecs
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -289,20 +290,34 @@ class KubeRayJobs:
         rows = [_rayjob_state(o) for o in found.get("items", [])]
         return sorted(rows, key=lambda r: r.start_s or 0, reverse=True)
 
-    def logs(self, name: str, follow: bool = False) -> str:
+    def logs(self, name: str) -> str:
         """The submitter's output (`ray job submit` follows the job's own logs)."""
         pod = self._submitter_pod(name)
         if pod is None:
             return ""
         with self._errors(name):
-            return self.core.read_namespaced_pod_log(pod, self.namespace, follow=follow)
+            return self.core.read_namespaced_pod_log(pod, self.namespace)
 
     def follow(self, name: str, write: Callable[[str], None]) -> JobState:
         state = self.state(name)
         while not state.terminal and self._submitter_pod(name) is None:
             time.sleep(self.poll_s)
             state = self.state(name)
-        write(self.logs(name, follow=True))
+        pod = self._submitter_pod(name)
+        if pod is not None:
+            with self._errors(name):
+                # streamed as it comes: with its content preloaded, the client would
+                # return only once the pod had ended, hours later for a training job
+                response = self.core.read_namespaced_pod_log(
+                    pod, self.namespace, follow=True, _preload_content=False
+                )
+                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                try:
+                    while data := response.read1(65536):  # what has come, not a full buffer
+                        write(decoder.decode(data))
+                    write(decoder.decode(b"", final=True))
+                finally:
+                    response.release_conn()
         while not state.terminal:
             time.sleep(self.poll_s)
             state = self.state(name)

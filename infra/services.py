@@ -25,10 +25,34 @@ from pathlib import Path
 HOST = "127.0.0.1"
 
 
-def free_port() -> int:
+# SeaweedFS serves gRPC on each of its HTTP ports + 10 000: a port above 55 535 has none
+# (its log then fills with dial errors for "port 6xxxx")
+GRPC_OFFSET = 10_000
+
+
+def free_port(grpc: bool = False) -> int:
+    """A free loopback port; with `grpc`, one whose SeaweedFS gRPC port is free too."""
+    for _ in range(500):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        if not grpc or port_free(port + GRPC_OFFSET):
+            return port
+    raise RuntimeError("no free loopback port with a free port 10 000 above it")
+
+
+def port_free(port: int) -> bool:
+    """Whether a server could listen on `port` (as servers bind: closed connections that
+    linger there do not count)."""
+    if not 0 < port <= 65535:
+        return False
     with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+            return True
+        except OSError:
+            return False
 
 
 def wait_http(
@@ -154,7 +178,7 @@ def start_seaweedfs(
     names in WEED_PORTS, else free ones), with S3 credentials required. Data in `data_dir`
     survives restarts."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    ports = {name: (ports or {}).get(name) or free_port() for name in WEED_PORTS}
+    ports = {name: (ports or {}).get(name) or free_port(grpc=True) for name in WEED_PORTS}
     s3_port = ports["s3.port"]
     (data_dir / "log").mkdir(exist_ok=True)
     cmd = [
@@ -168,6 +192,7 @@ def start_seaweedfs(
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         "-admin.ui=false",
+        "-master.telemetry=false",  # it would report to telemetry.seaweedfs.com
     ]
     cmd += [f"-{k}={v}" for k, v in ports.items()]
     socket_path = data_dir / "s3.sock"

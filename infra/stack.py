@@ -19,16 +19,16 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 from infra.services import (
-    HOST,
+    GRPC_OFFSET,
     RAY_PORTS,
     WEED_PORTS,
     free_port,
+    port_free,
     start_mlflow,
     start_ray_head,
     start_seaweedfs,
@@ -53,6 +53,7 @@ def load_state(root: Path) -> dict[str, Any]:
 
 def save_state(root: Path, state: dict[str, Any]) -> None:
     root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o700)  # its data, its runs and its credentials: this user's only
     path = root / "stack.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(state, indent=2))
@@ -60,26 +61,21 @@ def save_state(root: Path, state: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _free(port: int) -> bool:
-    """Whether a server could listen on `port` (as servers bind: closed connections that
-    linger there do not count)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((HOST, port))
-            return True
-        except OSError:
-            return False
-
-
 def _port(name: str) -> int:
+    grpc = name in WEED_PORTS
     preferred = PREFERRED.get(name)
-    return preferred if preferred is not None and _free(preferred) else free_port()
+    if preferred is not None and port_free(preferred):
+        if not grpc or port_free(preferred + GRPC_OFFSET):
+            return preferred
+    return free_port(grpc=grpc)
 
 
 def _settings(state: dict[str, Any]) -> dict[str, Any]:
     """Ports and credentials: chosen on the first start, kept for every later one."""
     ports = state.setdefault("ports", {})
+    for name in WEED_PORTS:  # a stack chosen before gRPC was minded may hold a port without
+        if ports.get(name, 0) + GRPC_OFFSET > 65535:
+            ports.pop(name)
     for name in (*WEED_PORTS, "mlflow", *RAY_PORTS):
         ports.setdefault(name, _port(name))
     creds = state.setdefault("credentials", {})
@@ -122,7 +118,7 @@ def up(ray: bool = False) -> dict[str, str]:
         state = load_state(root)
     ports, creds = state["ports"], state["credentials"]
     names = [*WEED_PORTS, "mlflow", *(RAY_PORTS if ray else ())]
-    taken = [f"{ports[n]} ({n})" for n in names if not _free(ports[n])]
+    taken = [f"{ports[n]} ({n})" for n in names if not port_free(ports[n])]
     if taken:
         raise PortTaken(
             f"port {', '.join(taken)} of the stack is taken by another program; stop it, "

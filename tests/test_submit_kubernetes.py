@@ -52,6 +52,8 @@ class KubernetesStandIn(ThreadingHTTPServer):
         self.objects: dict[str, dict] = {}
         self.reads: dict[str, int] = {}
         self.outcome = outcome
+        self.first_line_shown = threading.Event()
+        self.pods_gone = False
 
     @property
     def url(self) -> str:
@@ -117,7 +119,19 @@ class _Handler(BaseHTTPRequestHandler):
             job = query["labelSelector"][0].split("=", 1)[1]
             pod = {"metadata": {"name": f"{job}-submitter", "namespace": NS},
                    "status": {"phase": "Running"}}  # fmt: skip
-            return self._reply(200, {"kind": "PodList", "apiVersion": "v1", "items": [pod]})
+            pods = [] if self.server.pods_gone else [pod]
+            return self._reply(200, {"kind": "PodList", "apiVersion": "v1", "items": pods})
+        if path.endswith("/log") and query.get("follow") == ["true"]:
+            # streamed: the second line only once the client has shown the first
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(b"training: step 1\n")
+            self.wfile.flush()
+            seen = self.server.first_line_shown.wait(10)
+            self.wfile.write(f"training: step 2 (step 1 shown before: {seen})\n".encode())
+            self.close_connection = True
+            return None
         if path.endswith("/log"):
             return self._reply(200, "published k8s-tiny v1: 6 samples\n")
         self._reply(404, {"kind": "Status", "code": 404})
@@ -160,11 +174,23 @@ def physflow(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def test_submit_follow_creates_a_valid_rayjob_follows_it_and_cleans_up(standin, spec):
+def test_submit_follow_creates_a_valid_rayjob_follows_it_and_cleans_up(standin, spec,
+                                                                     monkeypatch):  # fmt: skip
+    from flows import submit_cli
+
+    shown = submit_cli._write
+
+    def write(text: str) -> None:
+        shown(text)
+        if "step 1" in text:
+            standin.first_line_shown.set()
+
+    monkeypatch.setattr(submit_cli, "_write", write)
     result = physflow("submit", spec, "--kubernetes", "--follow", "--gpu-workers", "2",
                       "--env", "PHYSFLOW_STORAGE=s3://physflow/trial")  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "published k8s-tiny v1" in result.output
+    # the log streamed as the job writes it, not all at once when it has ended
+    assert "training: step 2 (step 1 shown before: True)" in result.output
     assert "RayJob and its cluster removed" in result.output
 
     methods = [(m, p) for m, p, _, _ in standin.calls]
@@ -245,6 +271,10 @@ def test_status_logs_jobs_stop_and_duplicates(standin, spec):
     assert listed.exit_code == 0 and name in listed.output
     logs = physflow("logs", name, "--kubernetes")
     assert logs.exit_code == 0 and "published k8s-tiny" in logs.output
+    standin.pods_gone = True  # KubeRay removed the submitter pod, and its log with it
+    logs = physflow("logs", name, "--kubernetes")
+    assert logs.exit_code == 0 and f"note: no output: {name}'s submitter pod" in logs.output
+    standin.pods_gone = False
     stopped = physflow("stop", name, "--kubernetes")
     assert stopped.exit_code == 0 and f"stopping {name}" in stopped.output
     assert ("DELETE", f"{RAYJOBS}/{name}") in [(m, p) for m, p, _, _ in standin.calls]

@@ -26,6 +26,20 @@ def weed_litter() -> set[str]:
     }
 
 
+def test_seaweedfs_ports_leave_room_for_their_grpc_ports():
+    """SeaweedFS listens for gRPC on each port + 10 000: a port above 55 535 has none, and
+    a stack that kept one (chosen before this was minded) gets another."""
+    from infra.services import GRPC_OFFSET, free_port, port_free
+
+    for _ in range(200):
+        port = free_port(grpc=True)
+        assert port + GRPC_OFFSET <= 65535
+    state = stack._settings({"ports": {"admin.port": 57903, "filer.port": 31000}})
+    assert state["ports"]["admin.port"] + GRPC_OFFSET <= 65535
+    assert state["ports"]["filer.port"] == 31000  # a good one is kept
+    assert not port_free(70000)
+
+
 def test_a_restarted_stack_keeps_its_data_ports_and_credentials(tmp_path, monkeypatch):
     monkeypatch.setenv("PHYSFLOW_STACK_DIR", str(tmp_path / "stack"))
     litter = weed_litter()
@@ -55,6 +69,7 @@ def test_a_restarted_stack_keeps_its_data_ports_and_credentials(tmp_path, monkey
         assert set(stack.down()) == {"seaweedfs", "mlflow"}
     assert stack.running(stack.load_state(tmp_path / "stack")) == {}
     assert (tmp_path / "stack" / "stack.json").stat().st_mode & 0o077 == 0
+    assert (tmp_path / "stack").stat().st_mode & 0o077 == 0  # its data: this user's only
     assert weed_litter() <= litter  # its logs and socket stay in the stack's folder
 
     again = stack.up()
