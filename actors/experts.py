@@ -18,6 +18,7 @@ incarnation ids and reported with the diagnostics.
 from __future__ import annotations
 
 import math
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from actors.expert import ExpertConfig, ExpertSolver
 from actors.heap import HEAP_ENV
 
 Params = tuple[torch.Tensor, ...]
+# The GPUs the job's driver holds for itself (see `RayExperts`)
+ENTRYPOINT_GPUS_VAR = "PHYSFLOW_ENTRYPOINT_GPUS"
 
 
 @dataclass
@@ -136,7 +139,13 @@ class RayExperts:
         self.config = config
         self.num_experts = num_experts
         resources = ray.cluster_resources()
-        gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 1.0)
+        # Less the GPUs of a driver that trains the network on its own (a RayJob's
+        # entrypointNumGpus, which physflow's RayJobs also give in this variable): experts
+        # asking for those would never place. (Not Ray's available GPUs: a placement group
+        # just removed, by the run before, still counts there for a while.)
+        held = float(os.environ.get(ENTRYPOINT_GPUS_VAR) or 0)
+        gpus = max(resources.get("GPU", 0.0) - held, 0.0)
+        cpus = resources.get("CPU", 1.0)
         if gpus_per_expert is None:
             gpus_per_expert = gpu_share(gpus, num_experts)
         if cpus_per_expert is None:

@@ -87,7 +87,13 @@ def register(app, reports_errors, out, err) -> None:
             typer.Option(help="--kubernetes: the physflow image [env: PHYSFLOW_IMAGE]"),
         ] = None,
         gpu_workers: Annotated[
-            int, typer.Option(min=0, max=64, help="--kubernetes: GPU workers (1 GPU each)")
+            int,
+            typer.Option(
+                min=0,
+                max=64,
+                help="--kubernetes: GPU workers (1 GPU each); train, run and nas get one "
+                "more, for the driver that trains their network",
+            ),
         ] = 0,
         cpu_workers: Annotated[
             int, typer.Option(min=0, max=64, help="--kubernetes: CPU workers")

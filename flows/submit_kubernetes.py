@@ -65,6 +65,9 @@ CLUSTER_ENV = [
 # lets reach a Ray head's job API (8265).
 SUBMITTER_LABELS = {"app.kubernetes.io/part-of": "physflow", "physflow.io/ray-client": "true"}
 DEPLOYMENT_TO_STATUS = {"Complete": "SUCCEEDED", "Failed": "FAILED"}
+# The jobs whose driver trains a network itself (the experts or evaluators are actors)
+DRIVER_TRAINS = ("train", "run", "nas")
+ENTRYPOINT_GPUS_VAR = "PHYSFLOW_ENTRYPOINT_GPUS"  # as actors.experts reads it
 
 
 def rayjob_name(sub: Submission) -> str:
@@ -97,7 +100,15 @@ def rayjob_manifest(
         pod["spec"]["tolerations"] = [
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
         ]
-        groups.append(_group("gpu", gpu_workers, pod))
+        # a job whose driver trains a network (train, run, nas: only the experts or the
+        # evaluators are actors) gets a GPU worker more, for that driver
+        driver_gpu = sub.job in DRIVER_TRAINS
+        groups.append(_group("gpu", gpu_workers + driver_gpu, pod))
+    else:
+        driver_gpu = False
+    env = dict(sub.explicit_env)
+    if driver_gpu:
+        env[ENTRYPOINT_GPUS_VAR] = "1"  # what the experts leave to the driver
     annotations = {f"physflow.io/{k.split('.', 1)[1].replace('_', '-')}": v
                    for k, v in sub.metadata.items()}  # fmt: skip
     return {
@@ -114,7 +125,8 @@ def rayjob_manifest(
             "submitterPodTemplate": submitter_pod(image, job=sub.job),
             "jobId": sub.submission_id,
             "metadata": dict(sub.metadata),
-            "runtimeEnvYAML": yaml.safe_dump({"env_vars": dict(sub.explicit_env)}),
+            "runtimeEnvYAML": yaml.safe_dump({"env_vars": env}),
+            **({"entrypointNumGpus": 1} if driver_gpu else {}),
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 300,
             "backoffLimit": 0,

@@ -16,6 +16,7 @@ from actors.constraint import LMOptions
 from actors.constraint.residual import RowOuter
 from actors.expert import ExpertConfig
 from actors.experts import (
+    ENTRYPOINT_GPUS_VAR,
     InProcessExperts,
     RayExperts,
     from_wire,
@@ -315,9 +316,28 @@ def test_one_expert_per_gpu_across_two_nodes():
                 assert max(slots.values()) == 2 and sum(slots.values()) == count
             finally:
                 experts.close()
+        # A GPU held by the job's driver (a RayJob's entrypointNumGpus: the network trains
+        # there): four experts share the three left, two to a GPU, instead of asking for
+        # four whole ones that never come.
+        driver = ray.remote(num_gpus=1, num_cpus=0)(Holder).remote()
+        ray.get(driver.ready.remote())
+        os.environ[ENTRYPOINT_GPUS_VAR] = "1"
+        try:
+            experts = RayExperts(CONFIG, 4, cpus_per_expert=0.5)
+            assert experts.bundle["GPU"] == 0.5
+            assert len(experts.placement()) == 4
+            experts.close()
+        finally:
+            del os.environ[ENTRYPOINT_GPUS_VAR]
+            ray.kill(driver)
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+class Holder:
+    def ready(self) -> bool:
+        return True
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -296,3 +296,32 @@ def test_no_image_and_no_cluster_are_one_line_errors(standin, spec, monkeypatch,
     result = physflow("jobs", "--kubernetes")
     assert result.exit_code == 2, result.output
     assert "cannot connect" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("config", "driver_gpu"),
+    [("configs/ds-moe.yaml", True), ("configs/nas-fno.yaml", True),
+     ("configs/pbt-ds-moe.yaml", False)],
+)  # fmt: skip
+def test_a_driver_that_trains_gets_a_gpu_worker_of_its_own(config, driver_gpu):
+    """train and nas train their network in the job's driver: with GPU workers, the
+    driver gets one more for itself, and the experts are told to leave it alone. A PBT
+    driver trains nothing (its members are actors)."""
+    from actors.experts import ENTRYPOINT_GPUS_VAR
+    from flows.submit import prepare
+    from flows.submit_kubernetes import rayjob_manifest
+
+    rayjob = rayjob_manifest(prepare(config), "pf-x", "reg/physflow:0.1.0-ray2.60.0",
+                             gpu_workers=4)  # fmt: skip
+    spec_ = rayjob["spec"]
+    gpu = spec_["rayClusterSpec"]["workerGroupSpecs"][-1]
+    env = yaml.safe_load(spec_["runtimeEnvYAML"])["env_vars"]
+    assert gpu["replicas"] == 4 + driver_gpu
+    assert spec_.get("entrypointNumGpus", 0) == driver_gpu
+    assert env.get(ENTRYPOINT_GPUS_VAR) == ("1" if driver_gpu else None)
+    assert kuberay_rules(rayjob) == []
+    if SCHEMAS.is_dir():
+        schema = load_crd_schemas(SCHEMAS)[("ray.io/v1", "RayJob")]
+        assert crd_errors({k: v for k, v in rayjob.items() if k != "status"}, schema) == []
+    cpu_only = rayjob_manifest(prepare(config), "pf-x", "reg/physflow:0.1.0-ray2.60.0")
+    assert "entrypointNumGpus" not in cpu_only["spec"]
