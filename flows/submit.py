@@ -39,7 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,31 @@ class Submission:
 
         return shlex.join(["physflow", self.job, spec_path, *self.args])
 
+    def on_image(self, image: str) -> Submission:
+        """This job as run by `image`'s code (a RayJob), not by this checkout's: the
+        image named where the checkout's digest and commit were, and a default id made
+        from the image instead of the checkout."""
+        code = _digest(image)
+        default = _default_id(self.job, self.name, self.spec_digest, self.code_digest)
+        sid = self.submission_id
+        if sid == default:
+            sid = _default_id(self.job, self.name, self.spec_digest, code)
+        metadata = {k: v for k, v in self.metadata.items()
+                    if k not in ("physflow.code_digest", "physflow.git_commit")}  # fmt: skip
+        metadata["physflow.image"] = image
+        return replace(
+            self,
+            code_digest=code,
+            submission_id=sid,
+            metadata=metadata,
+            env={**self.env, "PHYSFLOW_SUBMISSION_ID": sid},
+            explicit_env={**self.explicit_env, "PHYSFLOW_SUBMISSION_ID": sid},
+        )
+
+
+def _default_id(job: str, name: str, spec_digest: str, code_digest: str) -> str:
+    return f"physflow-{job}-{_slug(name)}-{_digest(spec_digest + code_digest)[:10]}"
+
 
 STOP_WAIT_VAR, STOP_WAIT_S = "RAY_JOB_STOP_WAIT_TIME_S", 60
 
@@ -155,7 +180,7 @@ def prepare(
             f"working folder on the cluster, which Ray deletes; give an absolute path or "
             f"an s3:// URL"
         )
-    default_id = f"physflow-{job}-{_slug(name)}-{_digest(spec_digest + code_digest)[:10]}"
+    default_id = _default_id(job, name, spec_digest, code_digest)
     if submission_id is not None and not SUBMISSION_ID.fullmatch(submission_id):
         raise UserError(
             f"--submission-id {submission_id!r}: use letters, digits, '.', '_' and '-' "

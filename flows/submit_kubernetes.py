@@ -183,7 +183,7 @@ def _ray_pod(
     return {
         "spec": {
             "serviceAccountName": account,
-            "automountServiceAccountToken": container == "ray-head",
+            "automountServiceAccountToken": False,  # not autoscaled: no API calls to make
             "securityContext": {
                 "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100, "fsGroup": 100,
                 "seccompProfile": {"type": "RuntimeDefault"},
@@ -265,6 +265,7 @@ class KubeRayJobs:
                 f"--image {image}: its tag does not carry Ray {RAY_VERSION}, the cluster's "
                 f"rayVersion; e.g. <registry>/physflow:0.1.0-ray{RAY_VERSION}"
             )
+        sub = sub.on_image(image)  # the image's code runs, not this checkout's
         name = rayjob_name(sub)
         body = rayjob_manifest(sub, name, image, gpu_workers, cpu_workers)
         with self._errors(name):

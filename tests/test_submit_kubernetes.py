@@ -221,6 +221,13 @@ def test_submit_follow_creates_a_valid_rayjob_follows_it_and_cleans_up(standin, 
     assert env["PHYSFLOW_STORAGE"] == "s3://physflow/trial"  # only what --env gave
     assert "MLFLOW_TRACKING_URI" not in env and "AWS_SECRET_ACCESS_KEY" not in env
     assert spec_["metadata"]["physflow.spec_digest"]
+    # the image's code runs: the image is recorded, not this checkout's digest or commit
+    annotations = rayjob["metadata"]["annotations"]
+    assert annotations["physflow.io/image"] == spec_["metadata"]["physflow.image"]
+    assert not {"physflow.io/code-digest", "physflow.io/git-commit"} & annotations.keys()
+    assert "physflow.code_digest" not in spec_["metadata"]
+    # a cluster that is not autoscaled makes no Kubernetes API calls: no token mounted
+    assert all(pod["automountServiceAccountToken"] is False for _, pod in pod_specs(rayjob))
     # every pod mounts what the static RayCluster's head mounts (and the spec): the root is
     # read-only, so /tmp, ~/.cache (matplotlib's, torch's) and /dev/shm are volumes
     static = next(
