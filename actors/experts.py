@@ -17,6 +17,7 @@ incarnation ids and reported with the diagnostics.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -32,6 +33,9 @@ from actors.expert import ExpertConfig, ExpertSolver
 from actors.heap import HEAP_ENV
 
 Params = tuple[torch.Tensor, ...]
+log = logging.getLogger(__name__)
+# How long experts wait to be placed: without GPUs, and with (an autoscaler's new GPU node)
+PLACEMENT_WAIT_S = {False: 120, True: 900}
 # The GPUs the job's driver holds for itself (see `RayExperts`)
 ENTRYPOINT_GPUS_VAR = "PHYSFLOW_ENTRYPOINT_GPUS"
 
@@ -156,7 +160,15 @@ class RayExperts:
             bundle["GPU"] = gpus_per_expert
         self.bundle = bundle
         self.group = placement_group([dict(bundle) for _ in range(num_experts)], strategy=strategy)
-        ready, _ = ray.wait([self.group.ready()], timeout=120)
+        ready, _ = ray.wait([self.group.ready()], timeout=10)
+        if not ready:
+            # an autoscaled cluster starts GPU nodes for them: minutes, not seconds
+            wait_s = PLACEMENT_WAIT_S["GPU" in bundle]
+            log.warning(
+                "waiting up to %d s for the Ray cluster to place %d experts with %s each",
+                wait_s, num_experts, bundle,
+            )  # fmt: skip
+            ready, _ = ray.wait([self.group.ready()], timeout=wait_s - 10)
         if not ready:
             ray.util.remove_placement_group(self.group)
             raise RuntimeError(

@@ -18,6 +18,7 @@ there, none found, access refused) becomes one `UserError` line.
 from __future__ import annotations
 
 import codecs
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -109,6 +110,11 @@ def rayjob_manifest(
     env = dict(sub.explicit_env)
     if driver_gpu:
         env[ENTRYPOINT_GPUS_VAR] = "1"  # what the experts leave to the driver
+        entrypoint = {"entrypointNumGpus": 1}
+    elif sub.job in DRIVER_TRAINS:  # on a CPU worker: the head takes no work (num-cpus 0)
+        entrypoint = {"entrypointNumCpus": 1}
+    else:
+        entrypoint = {}
     annotations = {f"physflow.io/{k.split('.', 1)[1].replace('_', '-')}": v
                    for k, v in sub.metadata.items()}  # fmt: skip
     return {
@@ -126,7 +132,7 @@ def rayjob_manifest(
             "jobId": sub.submission_id,
             "metadata": dict(sub.metadata),
             "runtimeEnvYAML": yaml.safe_dump({"env_vars": env}),
-            **({"entrypointNumGpus": 1} if driver_gpu else {}),
+            **entrypoint,
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 300,
             "backoffLimit": 0,
@@ -210,10 +216,17 @@ def _ray_pod(
             "volumes": [
                 {"name": "tmp", "emptyDir": {"sizeLimit": "8Gi"}},
                 {"name": "cache", "emptyDir": {"sizeLimit": "1Gi"}},  # read-only root: ~/.cache
-                {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
+                {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": _shm(size)}},
             ],
         }
     }  # fmt: skip
+
+
+def _shm(size: dict[str, str]) -> str:
+    """/dev/shm for a pod of `size`: Ray's object store takes 30 % of the pod's memory, and
+    goes to disk where /dev/shm cannot hold it (with a tenth to spare)."""
+    gib = int(size["memory"].removesuffix("Gi"))
+    return f"{math.ceil(gib * 0.33)}Gi"
 
 
 # The Kubernetes API -----------------------------------------------------------------------

@@ -8,12 +8,15 @@ and its documents go through:
 2. the CRD schemas of ../shared/schemas (KubeRay, dask-kubernetes), made strict: every
    object schema that lists its properties and does not preserve unknown fields rejects
    any other — the API server prunes such fields silently, so a typo would be lost;
-3. the rules the KubeRay operator enforces that a schema cannot (`kuberay_rules`);
+3. the rules the KubeRay operator enforces that a schema cannot (`kuberay_rules`), and
+   what Ray would do badly with the pods it is given (`ray_rules`): an object store that
+   /dev/shm cannot hold, a training driver left on the head or larger than every worker;
 4. pod rules on every pod template, custom resources included (checkov reads only the
    built-in workloads): limits, non-root, no privilege escalation, capabilities dropped,
-   credentials only by reference; and the NetworkPolicies, evaluated for every flow the
-   system needs (`network_rules`): DNS, Ray and Dask to MLflow and the S3 store, MLflow to
-   PostgreSQL, each RayJob's submitter pod to its head's job API;
+   credentials only by reference, disk volumes within the ephemeral-storage limits; and
+   the NetworkPolicies, evaluated for every flow the system needs (`network_rules`): DNS,
+   Ray and Dask to MLflow and the S3 store, MLflow to PostgreSQL, each RayJob's submitter
+   pod to its head's job API;
 5. checkov on the rendered YAML, with the skips in CHECKOV_SKIPS (each with its reason);
 6. hadolint on the Dockerfile.
 
@@ -52,8 +55,10 @@ CHECKOV_SKIPS = {
     "set with `kustomize edit set image`, where digests can be pinned",
     "CKV_K8S_15": "tags are immutable versions, so IfNotPresent is safe; Always would add a "
     "registry round-trip to every autoscaled Ray worker start",
-    "CKV_K8S_35": "PostgreSQL, MLflow and SeaweedFS read their credentials from environment "
-    "variables only; those are secretKeyRef references, never values",
+    "CKV_K8S_35": "S3 keys (boto3, SeaweedFS), SeaweedFS's JWT key, the MLflow client's "
+    "password and the MLflow server's admin password and Flask secret key are environment "
+    "variables, where those programs read them without a config file; all are secretKeyRef "
+    "references, never values (PostgreSQL's password is a mounted file)",
     "CKV_K8S_40": "the images' own non-root users (uid 70 in postgres, 1000 in the Ray-based "
     "physflow image) own their files; a different uid breaks them",
 }
@@ -62,7 +67,18 @@ HADOLINT_IGNORES: dict[str, str] = {}
 RAY_KINDS = ("RayCluster", "RayJob")
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 GPU = "nvidia.com/gpu"
-CREDENTIAL_NAME = re.compile(r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY|CREDENTIAL)", re.IGNORECASE)
+# A variable named so holds a credential, unless it names the file that does (*_FILE).
+CREDENTIAL_NAME = re.compile(
+    r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY|CREDENTIAL)(?!.*_FILE$)", re.IGNORECASE
+)
+# Ray sizes its object store at this share of the memory limit (object-store-memory unset) and
+# puts it in /tmp when /dev/shm cannot hold it; its own advice is 10 % more shm than that.
+OBJECT_STORE_SHARE, SHM_MARGIN = 0.3, 1.1
+# Entrypoints whose driver trains the network itself (only experts and evaluators are actors).
+TRAINING_DRIVERS = ("physflow train ", "physflow run ", "physflow nas ")
+QUANTITY = re.compile(r"^([0-9.]+(?:[eE][-+]?[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?$")
+UNITS = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+UNITS.update({u: 1024 ** (i + 1) for i, u in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))})
 
 
 @dataclass(frozen=True)
@@ -323,6 +339,109 @@ def _cluster_rules(spec: dict[str, Any]) -> list[str]:
     return problems
 
 
+def ray_rules(doc: dict[str, Any]) -> list[str]:
+    """What Ray would do badly with the pods a RayCluster or RayJob gives it."""
+    kind, spec = doc.get("kind"), doc.get("spec") or {}
+    if kind == "RayCluster":
+        cluster = spec
+    elif kind == "RayJob" and spec.get("rayClusterSpec"):
+        cluster = spec["rayClusterSpec"]
+    else:
+        return []
+    groups = [("head", cluster.get("headGroupSpec") or {})] + [
+        (g.get("groupName", "?"), g) for g in cluster.get("workerGroupSpecs") or []
+    ]
+    problems = [p for name, group in groups for p in _shm_rule(name, group)]
+    if kind == "RayJob":
+        problems += _driver_rules(spec)
+    return problems
+
+
+def _driver_rules(spec: dict[str, Any]) -> list[str]:
+    """Where Ray can run a RayJob's driver: with no entrypoint resources, on the head (which
+    takes no work here), else on a worker that has what it reserves."""
+    cluster = spec["rayClusterSpec"]
+    cpus = float(spec.get("entrypointNumCpus") or 0)
+    gpus = float(spec.get("entrypointNumGpus") or 0)
+    groups = cluster.get("workerGroupSpecs") or []
+    head_params = (cluster.get("headGroupSpec") or {}).get("rayStartParams") or {}
+    problems = []
+    if str(spec.get("entrypoint", "")).startswith(TRAINING_DRIVERS):
+        if not (cpus or gpus or spec.get("entrypointResources")) and (
+            str(head_params.get("num-cpus")) == "0"
+        ):
+            problems.append(
+                "its driver trains but reserves nothing (entrypointNumCpus/Gpus), so Ray "
+                "runs it on the head, which takes no work (num-cpus 0)"
+            )
+        if not gpus and any(_ray_resources(g)[1] for g in groups):
+            problems.append(
+                "its driver trains on a CPU although the cluster has GPU workers: set "
+                "entrypointNumGpus"
+            )
+    if (cpus or gpus) and not any(
+        g.get("maxReplicas", 0) > 0
+        and _ray_resources(g)[0] >= cpus
+        and _ray_resources(g)[1] >= gpus
+        for g in groups
+    ):
+        problems.append(f"no worker group can hold its driver ({cpus:g} CPU, {gpus:g} GPU)")
+    return problems
+
+
+def _ray_resources(group: dict[str, Any]) -> tuple[float, float]:
+    """(CPUs, GPUs) Ray sees on one pod of a group: rayStartParams, else the limits."""
+    params = group.get("rayStartParams") or {}
+    limits = _limits(group)
+    cpus = params.get("num-cpus", limits.get("cpu", 0))
+    gpus = params.get("num-gpus", limits.get(GPU, 0))
+    return quantity(cpus), quantity(gpus)
+
+
+def _limits(group: dict[str, Any]) -> dict[str, Any]:
+    containers = _pod(group).get("containers") or [{}]
+    return (containers[0].get("resources") or {}).get("limits") or {}
+
+
+def _shm_rule(name: str, group: dict[str, Any]) -> list[str]:
+    """/dev/shm must hold the object store Ray sizes for the pod, or it moves to /tmp."""
+    pod = _pod(group)
+    memory = _limits(group).get("memory")
+    if memory is None:
+        return []  # the limits rule says so
+    param = (group.get("rayStartParams") or {}).get("object-store-memory")
+    store = quantity(param) if param else OBJECT_STORE_SHARE * quantity(memory)
+    containers = pod.get("containers") or [{}]
+    mount = next((m for m in containers[0].get("volumeMounts") or []
+                  if m.get("mountPath") == "/dev/shm"), None)  # fmt: skip
+    volume = next((v for v in pod.get("volumes") or []
+                   if mount and v.get("name") == mount.get("name")), {})  # fmt: skip
+    empty = volume.get("emptyDir") or {}
+    in_memory = empty.get("medium") == "Memory" and empty.get("sizeLimit")
+    shm = quantity(empty["sizeLimit"]) if in_memory else 0.0
+    if shm < SHM_MARGIN * store:
+        why = f"object-store-memory {param}" if param else f"30 % of the memory limit {memory}"
+        return [
+            f"{name}: /dev/shm ({_gi(shm)} in memory) cannot hold the object store "
+            f"({_gi(store)}, {why}) with 10 % to spare: Ray would put it on disk in /tmp"
+        ]
+    return []
+
+
+def quantity(value: Any) -> float:
+    """A Kubernetes quantity ("8Gi", "500m", 2) as a number (bytes, cores)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = QUANTITY.match(str(value).strip())
+    if not match:
+        raise ValueError(f"not a Kubernetes quantity: {value!r}")
+    return float(match.group(1)) * UNITS[match.group(2)]
+
+
+def _gi(n: float) -> str:
+    return f"{n / 1024**3:.2f}Gi"
+
+
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
 
@@ -363,7 +482,7 @@ def _pod(group: dict) -> dict:
 
 
 def pod_rules(pod: dict[str, Any]) -> list[str]:
-    problems = []
+    problems = _ephemeral_rule(pod)
     pod_ctx = pod.get("securityContext") or {}
     for c in (pod.get("initContainers") or []) + (pod.get("containers") or []):
         name = c.get("name", "?")
@@ -384,6 +503,27 @@ def pod_rules(pod: dict[str, Any]) -> list[str]:
                     f"{name}: env {env['name']} is inlined; take it from a Secret (secretKeyRef)"
                 )
     return problems
+
+
+def _ephemeral_rule(pod: dict[str, Any]) -> list[str]:
+    """The kubelet evicts a pod whose disk emptyDirs (and logs) outgrow its containers'
+    ephemeral-storage limits together, whatever each volume's own sizeLimit says."""
+    limits = [((c.get("resources") or {}).get("limits") or {}).get("ephemeral-storage")
+              for c in pod.get("containers") or []]  # fmt: skip
+    if not limits or None in limits:
+        return []
+    on_disk = sum(
+        quantity(v["emptyDir"]["sizeLimit"])
+        for v in pod.get("volumes") or []
+        if (v.get("emptyDir") or {}).get("sizeLimit") and v["emptyDir"].get("medium") != "Memory"
+    )
+    budget = sum(quantity(q) for q in limits)
+    if on_disk > budget:
+        return [
+            f"emptyDirs on disk ({_gi(on_disk)}) exceed the ephemeral-storage limits "
+            f"({_gi(budget)}): the kubelet would evict the pod before they are full"
+        ]
+    return []
 
 
 # The NetworkPolicies, evaluated for the flows a RayJob needs ------------------------------
@@ -418,6 +558,9 @@ def network_rules(docs: list[dict[str, Any]]) -> list[tuple[str, str]]:
           for a, port in (("mlflow", 5000), ("s3", 8333))],
         *[(f"Dask {c} -> Dask scheduler", dask[c], dask["scheduler"], 8786, "TCP")
           for c in ("worker", "job-runner")],
+        # the job pod waits for the scheduler's /health before it starts
+        ("Dask job-runner -> Dask scheduler's dashboard", dask["job-runner"], dask["scheduler"],
+         8787, "TCP"),
         *[(f"Dask {c} -> {a}", dask[c], app[a], port, "TCP")
           for c in ("worker", "job-runner") for a, port in (("mlflow", 5000), ("s3", 8333))],
         ("MLflow -> PostgreSQL", app["mlflow"], app["postgres"], 5432, "TCP"),
@@ -570,11 +713,12 @@ def check_documents(
     if schemas is not None:
         checks.append("CRD schemas (strict)")
         found += check_custom(docs, schemas, where)
-    checks += ["KubeRay rules", "pod rules", "network policies", "no inlined secrets"]
+    checks += ["KubeRay rules", "Ray rules", "pod rules", "network policies", "no inlined secrets"]
     found += [Finding("network", where, p) for _, p in network_rules(docs)]
     for doc in docs:
         at = f"{where}/{name_of(doc)}"
         found += [Finding("kuberay", at, p) for p in kuberay_rules(doc)]
+        found += [Finding("ray", at, p) for p in ray_rules(doc)]
         for path, pod in pod_specs(doc):
             found += [Finding("pod", f"{at} ({path})", p) for p in pod_rules(pod)]
         found += [Finding("secrets", at, p) for p in inlined_secrets(doc)]

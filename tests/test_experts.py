@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import actors.experts as experts_module
 from actors.constraint import LMOptions
 from actors.constraint.residual import RowOuter
 from actors.expert import ExpertConfig
@@ -283,7 +284,7 @@ def test_gpu_shares_fill_whole_gpus():
     assert gpu_share(0.5, 2) == 0.25  # part of one GPU: shared by all
 
 
-def test_one_expert_per_gpu_across_two_nodes():
+def test_one_expert_per_gpu_across_two_nodes(monkeypatch, caplog):
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
@@ -330,6 +331,12 @@ def test_one_expert_per_gpu_across_two_nodes():
         finally:
             del os.environ[ENTRYPOINT_GPUS_VAR]
             ray.kill(driver)
+        # More GPUs than the cluster has: it says what it waits for (an autoscaled cluster
+        # would be starting GPU nodes), then gives up with one line
+        monkeypatch.setitem(experts_module.PLACEMENT_WAIT_S, True, 12)
+        with pytest.raises(RuntimeError, match=r"cannot place 5 experts with \{'CPU': 0.5"):
+            RayExperts(CONFIG, 5, gpus_per_expert=1.0, cpus_per_expert=0.5)
+        assert "waiting up to 12 s for the Ray cluster to place 5 experts" in caplog.text
     finally:
         ray.shutdown()
         cluster.shutdown()

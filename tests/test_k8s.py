@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from infra.k8s_check import (
     check_documents,
     image_matches_ray,
     load_crd_schemas,
+    quantity,
     render,
 )
 
@@ -85,6 +89,22 @@ def _broken(docs, kind, name, change):
     docs = copy.deepcopy(docs)
     change(_one(docs, kind, name))
     return docs
+
+
+def _group(doc, name):
+    """A Ray group of a RayCluster or of a RayJob's cluster: "head" or a worker group's name."""
+    spec = doc["spec"].get("rayClusterSpec") or doc["spec"]
+    if name == "head":
+        return spec["headGroupSpec"]
+    return next(g for g in spec["workerGroupSpecs"] if g["groupName"] == name)
+
+
+def _volume(group, name):
+    return next(v for v in group["template"]["spec"]["volumes"] if v["name"] == name)
+
+
+def _resources(group):
+    return group["template"]["spec"]["containers"][0]["resources"]
 
 
 @needs_schemas
@@ -219,11 +239,161 @@ def _broken(docs, kind, name, change):
             ),
             "env AWS_SECRET_ACCESS_KEY is inlined",
         ),
+        (
+            "DaskJob",
+            "physflow-preprocess",
+            lambda d: d["spec"]["job"]["spec"]["initContainers"][0]["resources"].pop("limits"),
+            "wait-for-services: no cpu limit",
+        ),
+        # Volumes the pods' limits cannot hold.
+        (
+            "RayCluster",
+            "physflow",
+            lambda d: [
+                _resources(_group(d, "gpu"))[k].update({"ephemeral-storage": "20Gi"})
+                for k in ("requests", "limits")
+            ],
+            "emptyDirs on disk (22.00Gi) exceed the ephemeral-storage limits (20.00Gi)",
+        ),
+        # What Ray would do badly: its object store on disk, a training driver on the head.
+        (
+            "RayCluster",
+            "physflow",
+            lambda d: _volume(_group(d, "cpu"), "shm")["emptyDir"].update(sizeLimit="4Gi"),
+            "cpu: /dev/shm (4.00Gi in memory) cannot hold the object store (4.80Gi, 30 % of",
+        ),
+        (
+            "RayCluster",
+            "physflow",
+            lambda d: _volume(_group(d, "gpu"), "shm").update(emptyDir={"sizeLimit": "16Gi"}),
+            "gpu: /dev/shm (0.00Gi in memory) cannot hold the object store (14.40Gi",
+        ),
+        (
+            "RayJob",
+            "physflow-pbt",
+            lambda d: _group(d, "head")["rayStartParams"].update(
+                {"object-store-memory": "3000000000"}
+            ),
+            "head: /dev/shm (3.00Gi in memory) cannot hold the object store (2.79Gi, "
+            "object-store-memory 3000000000)",
+        ),
+        (
+            "RayJob",
+            "physflow-nas",
+            lambda d: [d["spec"].pop(k) for k in ("entrypointNumCpus", "entrypointNumGpus")],
+            "its driver trains but reserves nothing (entrypointNumCpus/Gpus), so Ray runs it "
+            "on the head",
+        ),
+        (
+            "RayJob",
+            "physflow-train",
+            lambda d: d["spec"].pop("entrypointNumGpus"),
+            "its driver trains on a CPU although the cluster has GPU workers",
+        ),
+        (
+            "RayJob",
+            "physflow-train",
+            lambda d: d["spec"].update(entrypointNumCpus=16),
+            "no worker group can hold its driver (16 CPU, 1 GPU)",
+        ),
     ],
 )
 def test_each_mistake_is_caught(gpu_docs, schemas, kind, name, change, expected):
     found, _ = check_documents(_broken(gpu_docs, kind, name, change), "gpu", schemas)
     assert any(expected in str(f) for f in found), [str(f) for f in found]
+
+
+def test_training_drivers_run_on_workers_and_gpu_ones_on_a_gpu(gpu_docs):
+    """The train and nas drivers train the network themselves: they reserve a worker (a GPU
+    in the gpu overlay); the pbt driver only schedules actors and stays on the head."""
+    dev = {d["metadata"]["name"]: d["spec"] for d in render(OVERLAYS / "dev")
+           if d["kind"] == "RayJob"}  # fmt: skip
+    gpu = {d["metadata"]["name"]: d["spec"] for d in gpu_docs if d["kind"] == "RayJob"}
+    for job in ("physflow-train", "physflow-nas"):
+        assert dev[job]["entrypointNumCpus"] >= 1 and "entrypointNumGpus" not in dev[job]
+        assert gpu[job]["entrypointNumGpus"] == 1 and gpu[job]["entrypointNumCpus"] >= 1
+    for spec in (dev["physflow-pbt"], gpu["physflow-pbt"]):
+        assert not any(k.startswith("entrypointNum") for k in spec)
+
+
+def test_the_s3_store_serves_s3_alone_and_signs_its_own_apis(gpu_docs):
+    """SeaweedFS's master, volume and filer HTTP APIs answer on the pod IP beside S3: the
+    server checks tokens signed with a key of the Secret on the volume and filer ones, and
+    runs nothing but S3 besides. Its flags are spelled as the `weed` binary spells them."""
+    from infra.services import weed_binary
+
+    s3 = _one(gpu_docs, "StatefulSet", "physflow-s3")["spec"]["template"]["spec"]
+    container = s3["containers"][0]
+    refs = {e["name"]: (e.get("valueFrom") or {}).get("secretKeyRef") for e in container["env"]}
+    for part in ("SIGNING", "SIGNING_READ", "FILER_SIGNING", "FILER_SIGNING_READ"):
+        assert refs[f"WEED_JWT_{part}_KEY"] == {"name": "physflow-s3", "key": "jwt-key"}
+    args = container["args"]
+    mini = args.index("mini")
+    assert {"-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-master.telemetry=false", "-admin.ui=false"} <= set(args[mini + 1 :])  # fmt: skip
+
+    def flags(*command: str) -> set[str]:
+        done = subprocess.run([weed_binary(), *command, "-h"], capture_output=True, text=True)
+        return set(re.findall(r"^\s+(-[\w.]+)", done.stdout + done.stderr, re.MULTILINE))
+
+    assert {a.split("=")[0] for a in args[:mini]} <= flags()  # logging options
+    assert {a.split("=")[0] for a in args[mini + 1 :]} <= flags("mini")
+
+
+def test_the_preprocessing_job_waits_for_what_it_uses(gpu_docs, tmp_path):
+    """The DaskJob's pod is not restarted: its init container waits for the S3 store, MLflow
+    and the job's Dask scheduler (the addresses the job itself uses), and gives up with a
+    one-line reason when one does not answer in time."""
+    import http.server
+    import threading
+
+    job = _one(gpu_docs, "DaskJob", "physflow-preprocess")
+    pod = job["spec"]["job"]["spec"]
+    init = pod["initContainers"][0]
+    script, urls = init["args"][0], init["args"][1:]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    hosts = [u.split("/")[2] for u in urls]
+    assert hosts == [
+        env["PHYSFLOW_S3_ENDPOINT_URL"].split("/")[2],
+        env["MLFLOW_TRACKING_URI"].split("/")[2],
+        f"{job['metadata']['name']}-scheduler:8787",  # the operator's name for its service
+    ]
+
+    class Server(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # S3 without credentials: 403; /health: 200
+            self.send_response(403 if self.path == "/" else 200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    here = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        done = subprocess.run([sys.executable, "-c", script, f"{here}/", f"{here}/health"],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        quick, found = re.subn(r"\+ 600\b", "+ 1", script)
+        assert found == 1  # the bound this test shortens
+        done = subprocess.run([sys.executable, "-c", quick, f"{here}/", "http://127.0.0.1:1/"],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 1
+        assert done.stderr.strip().splitlines() == [
+            "http://127.0.0.1:1/ did not answer within 10 minutes: "
+            "<urlopen error [Errno 111] Connection refused>"
+        ]
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("8Gi", 8 * 2**30), ("256Mi", 2**28), ("500m", 0.5), ("2", 2.0), (4, 4.0), ("1e3", 1e3),
+     ("3000000000", 3e9), ("1G", 1e9)],
+)  # fmt: skip
+def test_quantities_read_as_kubernetes_reads_them(text, value):
+    assert quantity(text) == value
 
 
 POLICIES = list(

@@ -24,6 +24,7 @@ from infra.k8s_check import (
     network_rules,
     pod_rules,
     pod_specs,
+    ray_rules,
     render,
 )
 from infra.k8s_check import schema_errors as crd_errors
@@ -326,9 +327,13 @@ def test_a_driver_that_trains_gets_a_gpu_worker_of_its_own(config, driver_gpu):
     assert gpu["replicas"] == 4 + driver_gpu
     assert spec_.get("entrypointNumGpus", 0) == driver_gpu
     assert env.get(ENTRYPOINT_GPUS_VAR) == ("1" if driver_gpu else None)
-    assert kuberay_rules(rayjob) == []
-    if SCHEMAS.is_dir():
-        schema = load_crd_schemas(SCHEMAS)[("ray.io/v1", "RayJob")]
-        assert crd_errors({k: v for k, v in rayjob.items() if k != "status"}, schema) == []
     cpu_only = rayjob_manifest(prepare(config), "pf-x", "reg/physflow:0.1.0-ray2.60.0")
     assert "entrypointNumGpus" not in cpu_only["spec"]
+    # without GPUs, on a CPU worker: the head takes no work
+    assert cpu_only["spec"].get("entrypointNumCpus", 0) == driver_gpu
+    for manifest in (rayjob, cpu_only):
+        # the driver where it can train, the object store in memory (/dev/shm)
+        assert kuberay_rules(manifest) == [] and ray_rules(manifest) == []
+        if SCHEMAS.is_dir():
+            schema = load_crd_schemas(SCHEMAS)[("ray.io/v1", "RayJob")]
+            assert crd_errors({k: v for k, v in manifest.items() if k != "status"}, schema) == []
