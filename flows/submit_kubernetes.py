@@ -47,11 +47,11 @@ CLUSTER_ENV = [
     {"name": "PHYSFLOW_STORAGE", "value": "s3://physflow/data"},
     {"name": "PHYSFLOW_S3_ENDPOINT_URL", "value": "http://physflow-s3:8333"},
     {"name": "MLFLOW_TRACKING_URI", "value": "http://physflow-mlflow:5000"},
-    {"name": "MLFLOW_TRACKING_USERNAME", "value": "admin"},
+    {"name": "MLFLOW_TRACKING_USERNAME", "value": "physflow-jobs"},
     {"name": "AWS_DEFAULT_REGION", "value": "us-east-1"},
     {
         "name": "MLFLOW_TRACKING_PASSWORD",
-        "valueFrom": {"secretKeyRef": {"name": "physflow-mlflow", "key": "admin-password"}},
+        "valueFrom": {"secretKeyRef": {"name": "physflow-mlflow", "key": "jobs-password"}},
     },  # noqa: E501
     {
         "name": "AWS_ACCESS_KEY_ID",

@@ -134,6 +134,7 @@ def test_the_clusters_mlflow_command_serves_with_basic_auth(tmp_path):
     env["MLFLOW_AUTH_CONFIG_PATH"] = f"{tmp_path}/auth.ini"
     secrets = {
         "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-secret-1",
+        "MLFLOW_JOBS_PASSWORD": "jobs-secret-12",
         "MLFLOW_FLASK_SERVER_SECRET_KEY": "k",
     }
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
@@ -146,10 +147,12 @@ def test_the_clusters_mlflow_command_serves_with_basic_auth(tmp_path):
     try:
         wait_http(f"{url}/health", 120, server)
 
-        def create(user: str | None, password: str | None) -> int:
+        def create(user: str | None, password: str | None, what: str = "experiments") -> int:
+            body = {"name": f"by-{user}"} if what == "experiments" else {
+                "username": f"by-{user}", "password": "a-password-123"}  # fmt: skip
             request = urllib.request.Request(
-                f"{url}/api/2.0/mlflow/experiments/create",
-                data=json.dumps({"name": f"by-{user}"}).encode(),
+                f"{url}/api/2.0/mlflow/{what}/create",
+                data=json.dumps(body).encode(),
                 headers={"Content-Type": "application/json"},
             )
             if user is not None:
@@ -164,6 +167,11 @@ def test_the_clusters_mlflow_command_serves_with_basic_auth(tmp_path):
         assert create(None, None) == 401
         assert create("admin", "wrong") == 401
         assert create("admin", secrets["MLFLOW_AUTH_ADMIN_PASSWORD"]) == 200
+        # the jobs' user logs runs, but is no admin: it cannot make users
+        jobs = ("physflow-jobs", secrets["MLFLOW_JOBS_PASSWORD"])
+        assert create(*jobs) == 200
+        assert create(*jobs, what="users") == 403
+        assert create("admin", secrets["MLFLOW_AUTH_ADMIN_PASSWORD"], what="users") == 200
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
