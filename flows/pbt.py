@@ -248,9 +248,11 @@ def resolve_trainable(spec: PbtSpec, storage: Storage) -> tuple[Callable, dict[s
 
         cloudpickle.register_pickle_by_value(sys.modules[builder.__module__])
     if spec.trainable == "pde":
-        from flows.train import open_problem
+        from flows.train import build_model, open_problem
 
-        open_problem(spec.train, storage)  # a missing data set, or one of another PDE
+        # a missing data set, one of another PDE, a model it cannot hold: refused here, as
+        # `physflow train` would, not by every member in turn
+        build_model(spec.train, open_problem(spec.train, storage))
         options = {
             "train": spec.train.resolved(),
             "storage": storage.url,
@@ -318,8 +320,8 @@ def plan_resources(spec: PbtSpec, options: dict[str, Any]) -> tuple[float, float
         train = dict(options["train"])
         train["experts"] = {
             **train["experts"],
-            "cpus_per_expert": round(expert_cpus, 4),
-            "gpus_per_expert": round(expert_gpus, 4),
+            "cpus_per_expert": _down(expert_cpus),
+            "gpus_per_expert": _down(expert_gpus),
         }
         options["train"] = train
     # Ray would wait for such a bundle for ever: refuse it (the same count across nodes
@@ -330,7 +332,13 @@ def plan_resources(spec: PbtSpec, options: dict[str, Any]) -> tuple[float, float
             f"resources: {n} members want {wanted:g} GPUs in all, and the Ray cluster has "
             f"{gpus:g} (lower resources.member_gpus or resources.expert_gpus)"
         )
-    return round(member_cpus, 4), r.member_gpus
+    return _down(member_cpus), r.member_gpus
+
+
+def _down(share: float) -> float:
+    """A share of a resource to 4 decimals, rounded down: 3 members of 2/3 CPU rounded to
+    0.6667 want 2.0001 CPUs of 2, and the third would wait for ever."""
+    return math.floor(share * 10_000) / 10_000
 
 
 # The job -----------------------------------------------------------------------------------

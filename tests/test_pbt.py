@@ -115,6 +115,15 @@ def test_exploit_copies_weights_and_hyperparameters(home, ray_local):
     )
 
 
+def test_three_members_on_two_cpus_all_run(home, ray_local):
+    """Each gets 2/3 of a CPU: rounded to 0.6667 the three wanted 2.0001 CPUs of 2, and
+    the third member waited for ever (the search with it)."""
+    result = run_pbt(toy("population=3", "steps_per_member=8", "name=toy-three",
+                         "initial=[{h0: 1.0, h1: 0.0}]"))  # fmt: skip
+    assert len(member_runs(result)) == 3
+    assert result.members_failed == 0 and result.steps_trained == 3 * 8
+
+
 def test_asynchronous_pbt_with_tournaments_replays_from_checkpoints(home, ray_local, tmp_path):
     # Members of unequal speed (h1 = 0.5 trains its coordinate at half the rate): with the
     # symmetric start all four have the same Q at the same step, and whether a tournament

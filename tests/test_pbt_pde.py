@@ -117,3 +117,15 @@ def test_a_missing_data_set_is_one_user_error_before_any_member_starts(home):
     with pytest.raises(UserError, match="data set 'ds-tiny' not found"):
         run_pbt(spec(), Storage.from_env())
     assert not Storage.from_env().exists(Storage.from_env().join("pbt", "pde-tiny"))
+
+
+def test_a_model_the_data_set_cannot_hold_is_refused_before_any_member_starts(home, dask_address):
+    """As `physflow train` refuses it: one line, not three restarts of every member."""
+    from flows.errors import UserError
+
+    run_preprocess(PreprocessSpec.model_validate(DATA), Storage.from_env(), dask_address)
+    train = spec().train.resolved()
+    train["model"]["splits"] = [1, 400]
+    with pytest.raises(UserError, match=r"model.splits \[1, 400\]"):
+        run_pbt(spec(train=train), Storage.from_env())
+    assert not Storage.from_env().exists(Storage.from_env().join("pbt", "pde-tiny"))
