@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -216,6 +217,14 @@ def check_spec(spec: NASSpec, net) -> None:
     for name in spec.reference_point:
         if name not in spec.objectives:
             raise UserError(f"reference_point.{name}: not one of the objectives")
+    space = net.space.restrict(spec.space)
+    if math.prod(len(c) for c in space.choices.values()) <= 1_000_000 and (
+        spec.budget > space.size
+    ):  # (a larger space is not counted: no budget comes near it)
+        raise UserError(
+            f"budget {spec.budget}: the space holds {space.size} sub-networks; a budget of "
+            f"{space.size} validates every one"
+        )
     if spec.strategy.kind != "random" and spec.budget < spec.strategy.population:
         raise UserError(
             f"budget {spec.budget}: below strategy.population {spec.strategy.population} "
@@ -512,7 +521,8 @@ def _search(spec, net, space, validation, folder, run, reference, progress) -> N
             metrics[f"predictor_mape_{q['objective']}"] = q["mape"]
             metrics[f"predictor_kendall_tau_{q['objective']}"] = q["kendall_tau"]
         quality_logged = len(getattr(strategy, "quality", []))
-        run.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)}, step=row.index)
+        finite = {k: v for k, v in metrics.items() if v is not None and np.isfinite(v)}
+        run.log_metrics(finite, step=row.index)
         if progress:
             progress(len(rows), spec.budget)
 

@@ -3,6 +3,8 @@ evaluated truth of a tiny space, hypervolume against pymoo, determinism, export,
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -155,6 +157,21 @@ def test_same_seed_same_search(tiny, kind):
         assert strategy.quality and all(q["objective"] == "error" for q in strategy.quality)
         assert all(q["model"] in ("ridge", "svr") for q in strategy.quality)
         assert all(np.isfinite(q["mape"]) for q in strategy.quality)
+
+
+def test_linas_ends_where_the_space_does(tiny):
+    """A budget beyond a small space: every sub-network validated once, then the search
+    ends (it used to fail on an empty batch); what it records of its predictors is strict
+    JSON."""
+    net, evaluator, _ = tiny
+    small = net.space.restrict({name: list(c[:2]) for name, c in net.space.choices.items()})
+    strategy = Linas(small, OBJECTIVES, 0, population=4, batch=8, inner_generations=5,
+                     counted=net.count, counted_names=COUNTED)  # fmt: skip
+    rows = run_search(strategy, InProcessPool(evaluator), small, OBJECTIVES, small.size + 5).rows
+    assert sorted(small.key(r.config) for r in rows) == sorted(
+        small.key(c) for c in small.enumerate()
+    )
+    json.dumps(strategy.quality, allow_nan=False)  # strict JSON: no NaN
 
 
 def test_exported_mlp_equals_activated_subnetwork(tiny):

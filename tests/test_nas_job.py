@@ -150,6 +150,7 @@ def test_sigterm_stops_a_ray_search_as_ctrl_c_does(home, tmp_path):
         ("space.width_7=[8]", "space.width_7: unknown elastic variable"),
         ("space.depth=[]", "space.depth: empty choice set"),
         ("budget=5", "budget 5: below strategy.population 6"),
+        ("space.depth=[1]", "budget 10: the space holds 3 sub-networks; a budget of 3"),
         ("objectives=[rel_l2, macs]", "objectives.0: 'rel_l2' cannot be measured"),
         ("strategy.kind=grid", "strategy.kind: Input should be 'random', 'nsga2' or 'linas'"),
     ],

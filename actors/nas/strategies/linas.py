@@ -24,6 +24,8 @@ from actors.nas.strategies.base import FAILED, BatchStrategy
 from actors.nas.strategies.nsga2 import genome_problem, integer_nsga2
 from actors.nas.strategies.predictors import ObjectivePredictor, kendall_tau, mape
 
+MIN_SCORED = 5  # measured points a predictor's quality is scored on, at least (or a batch)
+
 
 class Linas(BatchStrategy):
     def __init__(
@@ -66,12 +68,16 @@ class Linas(BatchStrategy):
         chosen = self._inner_search(predictors)
         if not chosen:
             chosen = self._random_unseen(self.batch)
+        if not chosen:  # every sub-network of the space has been validated
+            return []
         self._predictions = {n: p.predict(self._features(chosen)) for n, p in predictors.items()}
         return chosen
 
     def _advance(self, batch: list[Config], values: np.ndarray) -> None:
-        if self._predictions:
-            ok = values[:, 0] < FAILED
+        ok = values[:, 0] < FAILED
+        # a rank correlation or a mean error of fewer measured points says nothing (the
+        # inner search proposes only a few new sub-networks once the front is well known)
+        if self._predictions and ok.sum() >= min(MIN_SCORED, self.batch):
             for name, predicted in self._predictions.items():
                 measured = values[ok, self.objectives.index(name)]
                 self.quality.append(
@@ -80,12 +86,13 @@ class Linas(BatchStrategy):
                         "objective": name,
                         "model": self._fitted[name].family_,
                         "cv_rmse": self._fitted[name].cv_rmse_,
-                        "mape": mape(predicted[ok], measured),
-                        "kendall_tau": kendall_tau(predicted[ok], measured),
+                        "mape": _finite(mape(predicted[ok], measured)),
+                        # undefined (None) where the predictions are all equal
+                        "kendall_tau": _finite(kendall_tau(predicted[ok], measured)),
                         "validated": len(self.seen) + len(batch),
                     }
                 )
-            self._predictions = {}
+        self._predictions = {}
         for config, value in zip(batch, values, strict=True):
             self.seen[self.space.key(config)] = value
 
@@ -173,3 +180,8 @@ class Linas(BatchStrategy):
                 keys.add(key)
                 out.append(config)
         return out
+
+
+def _finite(value: float) -> float | None:
+    """`value`, or None where it is not a number (strict JSON has no NaN)."""
+    return float(value) if np.isfinite(value) else None
