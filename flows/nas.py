@@ -22,9 +22,11 @@ import csv
 import io
 import json
 import math
+import pickle
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -287,7 +289,12 @@ def load_torch(store: Storage, path: str) -> Any:
 
     if not store.exists(path):
         raise UserError(f"{path}: no such file in storage")
-    return torch.load(io.BytesIO(store.read_bytes(path)), map_location="cpu", weights_only=False)
+    try:
+        return torch.load(
+            io.BytesIO(store.read_bytes(path)), map_location="cpu", weights_only=False
+        )
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as exc:
+        raise UserError(f"{path}: not a torch checkpoint ({str(exc).splitlines()[0]})") from None
 
 
 def _checkpoint_location(ref: str, storage: Storage) -> tuple[Storage, str]:
@@ -556,7 +563,7 @@ def _search(spec, net, space, validation, folder, run, reference, progress) -> N
     folder.store.write_bytes(folder.path("front.csv"), _csv(table).encode())
     _log_bytes(run.log_file, _csv(table).encode(), "front.csv")
     _log_bytes(run.log_file, _csv([_flat(r) for r in rows]).encode(), "results.csv")
-    if getattr(strategy, "quality", None):
+    if hasattr(strategy, "quality"):  # LINAS: its refits' scores (none on too few points)
         run.log_json(strategy.quality, "predictors.json")
     run.log_figure(pareto_figure(rows, current, objectives), "pareto.png")
     return NASResult(
@@ -672,6 +679,12 @@ def export_subnet(
     from flows import tracking
 
     storage = storage or Storage.from_env()
+    if out:  # said before any work
+        where = Path(out).expanduser()
+        if where.is_dir():
+            raise UserError(f"--out {out}: a folder; give a file name, e.g. {where / 'pick.pt'}")
+        if not where.absolute().parent.is_dir():
+            raise UserError(f"--out {out}: folder {where.absolute().parent} does not exist")
     mlflow.set_tracking_uri(tracking.tracking_uri())
     client = mlflow.MlflowClient()
     run_id = tracking.full_run_id(run_id)  # its start, as `physflow runs` prints it

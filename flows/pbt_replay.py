@@ -33,8 +33,17 @@ def load_lineage(source: str) -> dict[str, Any]:
     if os.path.isfile(source):
         import json
 
-        with open(source) as f:
-            return json.load(f)
+        try:
+            with open(source) as f:
+                data = json.load(f)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"{source}: not a lineage.json (not JSON: {exc})") from None
+        if not isinstance(data, dict) or not {"spec", "members"} <= data.keys():
+            raise UserError(
+                f"{source}: not a lineage.json (a search's has 'spec' and 'members'; "
+                f"find it among the parent run's artifacts)"
+            )
+        return data
     from flows import tracking
 
     tracking.connect()

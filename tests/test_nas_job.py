@@ -163,6 +163,15 @@ def test_spec_mistakes_are_one_line_user_errors(home, spec, override, message):
     assert not (home / "runs").exists()
 
 
+def test_a_super_network_checkpoint_that_is_not_one_is_a_user_error(home, spec, tmp_path):
+    garbage = tmp_path / "supernet.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    result = physflow("nas", spec, "--set", f"supernet.checkpoint={garbage}")
+    assert result.exit_code == 2, result.output
+    assert f"{garbage}: not a torch checkpoint" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_nas_group_help_and_spec_parsing():
     assert "export" in physflow("nas", "--help").output
     assert "--pick" in physflow("nas", "export", "--help").output

@@ -169,3 +169,8 @@ def test_search_with_ray_evaluators_on_s3_and_an_mlflow_server(
     assert "export" in {a.path for a in client.list_artifacts(run_id)}
 
     assert physflow("nas", "export", run_id, "--pick", 99).exit_code == 2
+    for where, message in [(tmp_path, "a folder; give a file name"),
+                           (tmp_path / "none" / "x.pt", "does not exist")]:  # fmt: skip
+        refused = physflow("nas", "export", run_id, "--pick", 1, "--out", where)
+        assert refused.exit_code == 2 and message in refused.output, refused.output
+        assert "Traceback" not in refused.output

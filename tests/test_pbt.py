@@ -92,6 +92,11 @@ def test_pbt_beats_grid_explore_and_exploit_only_and_replays(home, ray_local, tm
     from flows.pbt_replay import replay
 
     again = replay(str(path), member=other)
+    for text, message in [("{bad", "not a lineage.json (not JSON"), ("{}", "has 'spec' and")]:
+        wrong = tmp_path / "wrong.json"
+        wrong.write_text(text)
+        refused = runner.invoke(app, ["pbt", "replay", str(wrong)])
+        assert refused.exit_code == 2 and message in refused.output, refused.output
     assert again.score == again.recorded
     assert again.steps == 40 and again.segments == 20
 
