@@ -406,7 +406,7 @@ def runs(
     if experiment is None:
         _print_all_runs(rows, tracking.tracking_uri())
         return
-    keys = _metric_columns(rows, _key_metrics(experiment))
+    keys = _metric_columns(rows, _key_metrics(experiment, {r.job for r in rows}))
     table = Table(
         "run",
         "name",
@@ -430,9 +430,11 @@ def runs(
     out.print(table)
 
 
-def _key_metrics(experiment: str) -> list[str]:
-    # PBT experiments are named after their spec (pbt-toy, pbt-ds-moe, ...)
-    return KEY_METRICS.get(experiment) or KEY_METRICS.get(experiment.split("-")[0], [])
+def _key_metrics(experiment: str, jobs: set[str] = frozenset()) -> list[str]:
+    """The key metrics of an experiment's job: known by its name, else by its runs'
+    physflow.job tag (a PBT search's experiment is named after the search)."""
+    keys = KEY_METRICS.get(experiment) or KEY_METRICS.get(experiment.split("-")[0])
+    return keys or next((KEY_METRICS[j] for j in sorted(jobs) if j in KEY_METRICS), [])
 
 
 def _print_all_runs(rows, uri: str) -> None:
@@ -444,7 +446,7 @@ def _print_all_runs(rows, uri: str) -> None:
     )  # fmt: skip
     for r in rows:
         start = datetime.fromtimestamp(r.start).strftime("%Y-%m-%d %H:%M:%S") if r.start else "-"
-        key = next((k for k in _key_metrics(r.experiment) if k in r.metrics), None)
+        key = next((k for k in _key_metrics(r.experiment, {r.job}) if k in r.metrics), None)
         table.add_row(
             r.run_id[:8], r.experiment, r.name, r.status, start,
             f"{r.duration_s:.1f} s" if r.duration_s is not None else "-",

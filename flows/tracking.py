@@ -233,6 +233,7 @@ class RunRow:
     duration_s: float | None
     metrics: dict[str, float]
     experiment: str = ""
+    job: str = ""  # the physflow job that made it (tag physflow.job), where it says
 
 
 def list_runs(experiment: str | None, max_results: int = 20) -> list[RunRow]:
@@ -270,6 +271,7 @@ def list_runs(experiment: str | None, max_results: int = 20) -> list[RunRow]:
                 duration_s=duration,
                 metrics=dict(r.data.metrics),
                 experiment=experiments.get(r.info.experiment_id, r.info.experiment_id),
+                job=r.data.tags.get("physflow.job", ""),
             )
         )
     return rows

@@ -127,6 +127,9 @@ def test_three_members_on_two_cpus_all_run(home, ray_local):
                          "initial=[{h0: 1.0, h1: 0.0}]"))  # fmt: skip
     assert len(member_runs(result)) == 3
     assert result.members_failed == 0 and result.steps_trained == 3 * 8
+    # its experiment is named after it, not "pbt...": its runs still show a search's metrics
+    listed = runner.invoke(app, ["runs", "-e", "toy-three"])
+    assert listed.exit_code == 0 and "best_score" in listed.output, listed.output
 
 
 def test_asynchronous_pbt_with_tournaments_replays_from_checkpoints(home, ray_local, tmp_path):
