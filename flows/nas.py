@@ -348,6 +348,11 @@ def _run_nas(spec: NASSpec, storage: Storage, resume: bool, progress, training_p
             f"--resume: search {spec.name!r} was started from a different spec; only budget "
             f"may change when resuming"
         )
+    if state is not None and spec.budget < (done := len(folder.rows())):
+        raise UserError(
+            f"--resume: budget {spec.budget} is below the {done} validations search "
+            f"{spec.name!r} has made already; raise budget to search on"
+        )
     use_ray = spec.evaluators.executor == "ray"
     with (
         tracking.job_run(
@@ -551,14 +556,15 @@ def _search(spec, net, space, validation, folder, run, reference, progress) -> N
     current = front(rows, objectives)
     if not current:
         raise JobFailure(f"search {spec.name!r}: no sub-network validated successfully")
-    run.log_metrics(
-        {
-            "validations_new": outcome.new,
-            "validations_replayed": outcome.replayed,
-            "pool_efficiency": pool.efficiency(),
-            "evaluator_restarts": pool.restarts,
-        }
-    )
+    if outcome.new:  # a resume with nothing left to validate keeps the last figures
+        run.log_metrics(
+            {
+                "validations_new": outcome.new,
+                "validations_replayed": outcome.replayed,
+                "pool_efficiency": pool.efficiency(),
+                "evaluator_restarts": pool.restarts,
+            }
+        )
     table = _front_table(current, objectives)
     folder.store.write_bytes(folder.path("front.csv"), _csv(table).encode())
     _log_bytes(run.log_file, _csv(table).encode(), "front.csv")

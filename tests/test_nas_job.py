@@ -98,6 +98,19 @@ def test_resume_after_the_search_is_killed_validates_nothing_twice(home, tmp_pat
     strategy = RandomSearch(space, ["error", "latency_ms"], seed=5)
     expected = [space.key(c) for c in strategy.ask() + strategy.ask()][:12]
     assert keys == expected
+    # nothing left: the run's figures stay those of the work done; a lower budget is refused
+    again = physflow("nas", path, "--resume")
+    assert again.exit_code == 0 and "validated 12 sub-networks, 0 new" in again.output
+    import mlflow
+
+    from flows.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    state = SearchFolder.of(Storage.from_env(), "digits-resume").state()
+    metrics = mlflow.get_run(state["run_id"]).data.metrics
+    assert metrics["validations_new"] == 12 - len(before) and metrics["pool_efficiency"] > 0
+    lower = physflow("nas", path, "--resume", "--set", "budget=5")
+    assert lower.exit_code == 2 and "budget 5 is below the 12 validations" in lower.output
 
 
 def test_sigterm_stops_a_ray_search_as_ctrl_c_does(home, tmp_path):
