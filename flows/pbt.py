@@ -130,9 +130,19 @@ class PbtSpec(Spec):
                 f"initial: {len(self.initial)} entries for a population of {self.population}"
             )
         for i, point in enumerate(self.initial):
-            for key in point:
+            for key, value in point.items():
                 if key not in self.search_space:
                     raise ValueError(f"initial[{i}].{key}: not in search_space")
+                p = self.search_space[key]
+                if p.prior == "choice":
+                    if value not in p.values:
+                        raise ValueError(f"initial[{i}].{key}: {value!r} not in {p.values}")
+                elif not isinstance(value, (int, float)) or not p.low <= value <= p.high:
+                    # it would be moved into the range without a word
+                    raise ValueError(
+                        f"initial[{i}].{key}: {value!r} outside search_space.{key}'s "
+                        f"[{p.low:g}, {p.high:g}]"
+                    )
         if self.ready_interval_steps > self.steps_per_member:
             raise ValueError(
                 f"ready_interval_steps {self.ready_interval_steps} exceeds "

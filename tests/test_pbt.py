@@ -397,6 +397,8 @@ def test_cli_runs_and_reports_user_errors(home, ray_local):
         (["pbt", str(TOY), "--set", "name=e9", "--set", "initial=[]",
           "--set", "search_space={h0: {prior: uniform, low: 0, high: 1}}"],
          "trainable 'toy': search_space: needs h1"),
+        (["pbt", str(TOY), "--set", "name=e10", "--set", "initial=[{h0: 5.0, h1: 0.0}]"],
+         "initial[0].h0: 5.0 outside search_space.h0's ["),
         (["pbt", str(TOY), "--set", "name=e7", "--set", "resources.member_gpus=1"],
          "resources: 4 members want 4 GPUs in all, and the Ray cluster has 0"),
         (["pbt", str(TOY), "--set", "name=never", "--resume"], "has no state"),
