@@ -431,10 +431,10 @@ def runs(
 
 
 def _key_metrics(experiment: str, jobs: set[str] = frozenset()) -> list[str]:
-    """The key metrics of an experiment's job: known by its name, else by its runs'
-    physflow.job tag (a PBT search's experiment is named after the search)."""
-    keys = KEY_METRICS.get(experiment) or KEY_METRICS.get(experiment.split("-")[0])
-    return keys or next((KEY_METRICS[j] for j in sorted(jobs) if j in KEY_METRICS), [])
+    """The key metrics of an experiment's job: known by its runs' physflow.job tag, else
+    by its name (a PBT search's experiment is named after the search)."""
+    by_tag = next((KEY_METRICS[j] for j in sorted(jobs) if j in KEY_METRICS), None)
+    return by_tag or KEY_METRICS.get(experiment) or KEY_METRICS.get(experiment.split("-")[0], [])
 
 
 def _print_all_runs(rows, uri: str) -> None:

@@ -67,6 +67,7 @@ class Lease:
         self._lost = threading.Event()
         self._thread: threading.Thread | None = None
         self._made: list[str] = []  # local folders made for the lease, outermost first
+        self._heard_at = 0.0  # wall-clock time of the last renewal (suspends count)
 
     # the holder's record -------------------------------------------------------------
 
@@ -125,41 +126,70 @@ class Lease:
             raise self._refuse(holder)
         record = self._record()
         if self.storage.is_local:
-            if holder is not None:  # a dead job's: removed, then created like any other
-                self._remove_if(holder["owner"])
-            # written whole under a name of its own, then linked: a link fails if the
-            # name exists, so of two jobs only one takes it, and no reader sees it half done
-            self._made = _make_folders(os.path.dirname(self.path))
-            tmp = f"{self.path}.{self.owner}"
-            with open(tmp, "w") as f:
-                json.dump(record, f)
-            try:
-                _create_exclusive(tmp, self.path, record)
-            except FileExistsError:
-                raise self._refuse(self.holder() or record) from None
-            finally:
-                os.unlink(tmp)
+            if holder is not None:  # a dead job's: removed, then taken like any other
+                self._take_over_local(holder, record)
+            else:
+                self._create_local(record)
         else:
             self.storage.write_json(self.path, record)
-            time.sleep(self.settle_s)
-            now = self.holder()
+            try:
+                time.sleep(self.settle_s)
+                now = self.holder()
+            except BaseException:  # Ctrl-C, the store out of reach: no lease left behind
+                self._remove_if(self.owner)
+                raise
             if now is None or now["owner"] != self.owner:
                 raise self._refuse(now or record)
+        self._heard_at = time.time()
         self._since = record["since"]
         self._thread = threading.Thread(target=self._beat, name="physflow-lease", daemon=True)
         self._thread.start()
         return self
 
+    def _create_local(self, record: dict[str, Any]) -> None:
+        # written whole under a name of its own, then linked: a link fails if the name
+        # exists, so of two jobs only one takes it, and no reader sees it half done
+        self._made = _make_folders(os.path.dirname(self.path))
+        tmp = f"{self.path}.{self.owner}"
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+        try:
+            _create_exclusive(tmp, self.path, record)
+        except FileExistsError:
+            raise self._refuse(self.holder() or record) from None
+        finally:
+            os.unlink(tmp)
+
+    def _take_over_local(self, dead: dict[str, Any], record: dict[str, Any]) -> None:
+        """Remove a dead job's lease and create ours, one job at a time: two that both
+        found it dead would otherwise each remove what the other had just created."""
+        import fcntl
+
+        with open(f"{self.path}.lock", "a") as lock:  # stays: the folder holds a lease
+            fcntl.flock(lock, fcntl.LOCK_EX)  # per open file: threads of one process too
+            now = self.holder()
+            if now is not None and now["owner"] != dead["owner"]:
+                raise self._refuse(now)  # another job took it over first
+            if now is not None:
+                self.storage.remove(self.path)
+            self._create_local(record)
+
     def _beat(self) -> None:
         while not self._stop.wait(self.beat_s):
             try:
-                holder = self.holder()
-                if holder is None or holder["owner"] != self.owner:
-                    self._lost.set()
-                    return
-                self.storage.write_json(self.path, self._record(self._since))
+                self._renew()
             except Exception:  # a store out of reach for a while: try again next beat
                 continue
+            if self._lost.is_set():
+                return
+
+    def _renew(self) -> None:
+        holder = self.holder()
+        if holder is None or holder["owner"] != self.owner:
+            self._lost.set()
+            return
+        self.storage.write_json(self.path, self._record(self._since))
+        self._heard_at = time.time()
 
     def _remove_if(self, owner: str) -> None:
         holder = self.holder()
@@ -184,7 +214,11 @@ class Lease:
         return self._lost.is_set()
 
     def check(self) -> None:
-        """Before a write: stop if another job has taken the run over."""
+        """Before a write: stop if another job has taken the run over. Where the lease has
+        not been renewed for two beats (a machine suspended, a process stopped), it is
+        looked at now: the flag may be older than the takeover."""
+        if not self._lost.is_set() and time.time() - self._heard_at > 2 * self.beat_s:
+            self._renew()
         if self._lost.is_set():
             raise JobFailure(
                 f"{self.what}: another job took it over while this one was not heard of "

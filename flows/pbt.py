@@ -137,8 +137,12 @@ class PbtSpec(Spec):
                 if p.prior == "choice":
                     if value not in p.values:
                         raise ValueError(f"initial[{i}].{key}: {value!r} not in {p.values}")
-                elif not isinstance(value, (int, float)) or not p.low <= value <= p.high:
-                    # it would be moved into the range without a word
+                    continue
+                try:  # YAML reads 1e-3 (no dot) as a string; the search reads it as 0.001
+                    number = float(value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"initial[{i}].{key}: {value!r} is not a number") from None
+                if not p.low <= number <= p.high:  # it would be moved in without a word
                     raise ValueError(
                         f"initial[{i}].{key}: {value!r} outside search_space.{key}'s "
                         f"[{p.low:g}, {p.high:g}]"

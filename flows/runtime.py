@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator
@@ -167,10 +168,12 @@ def sigterm_requests_stop(interrupt: bool = False) -> Iterator[Callable[[], bool
 
 
 @contextlib.contextmanager
-def interrupts_deferred() -> Iterator[None]:
+def interrupts_deferred(held_at_most: int | None = None, notice: str = "") -> Iterator[None]:
     """Ctrl-C and SIGTERM wait for the block to end: for a change that must happen whole
     (an optimiser's update and the step count that names it, saved together on an
-    interrupt). Outside the main thread, where no handler can be set: as it is."""
+    interrupt). With `held_at_most`, the one after that many arrives at once (a save that
+    hangs on a store out of reach can still be abandoned); `notice` is said when the first
+    is held. Outside the main thread, where no handler can be set: as it is."""
     import signal
 
     if threading.current_thread() is not threading.main_thread():
@@ -178,8 +181,17 @@ def interrupts_deferred() -> Iterator[None]:
         return
     came: list[int] = []
 
+    def restore() -> None:
+        for s, h in kept.items():
+            signal.signal(s, h)
+
     def hold(signum, frame) -> None:
         came.append(signum)
+        if held_at_most is not None and len(came) > held_at_most:
+            restore()
+            signal.raise_signal(signum)
+        elif notice and len(came) == 1:
+            sys.stderr.write(notice + "\n")
 
     # a handler set outside Python (None) cannot be put back: left as it is
     kept = {s: h for s in (signal.SIGINT, signal.SIGTERM) if (h := signal.getsignal(s)) is not None}
@@ -188,9 +200,10 @@ def interrupts_deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        for s, h in kept.items():
-            signal.signal(s, h)
-        for s in dict.fromkeys(came):
+        restore()
+        # SIGTERM first: what raises ends the loop, and a stop asked for by the cluster
+        # (143) says more than a Ctrl-C that came with it
+        for s in sorted(set(came), key=lambda s: s != signal.SIGTERM):
             signal.raise_signal(s)
 
 

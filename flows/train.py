@@ -537,8 +537,11 @@ def _train(spec: TrainSpec, storage: Storage, resume, progress, ray_address, lea
             _loop(spec, model, optimizer, train_data, done, run, checkpoint, progress,
                   stop_requested)  # fmt: skip
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (`Terminated`)
-            # a second Ctrl-C (people press it twice) waits for the checkpoint to be saved
-            with interrupts_deferred():
+            # a second Ctrl-C (people press it twice) waits for the checkpoint to be saved;
+            # a third abandons it (a store out of reach can hang the save for minutes)
+            with interrupts_deferred(
+                held_at_most=1, notice="saving the checkpoint; Ctrl-C again abandons it"
+            ):
                 if done.get("unlogged"):  # the last step's metrics, between two log steps
                     run.log_metrics(*done["unlogged"])
                 run.set_tags({"interrupted_at_step": done["step"]})

@@ -119,6 +119,8 @@ def up(ray: bool = False) -> dict[str, str]:
     ports, creds = state["ports"], state["credentials"]
     names = [*WEED_PORTS, "mlflow", *(RAY_PORTS if ray else ())]
     taken = [f"{ports[n]} ({n})" for n in names if not port_free(ports[n])]
+    taken += [f"{ports[n] + GRPC_OFFSET} ({n} + {GRPC_OFFSET}: SeaweedFS's gRPC)"
+              for n in WEED_PORTS if not port_free(ports[n] + GRPC_OFFSET)]  # fmt: skip
     if taken:
         raise PortTaken(
             f"port {', '.join(taken)} of the stack is taken by another program; stop it, "

@@ -234,7 +234,7 @@ def test_progress_off_a_terminal_is_a_line_now_and_then_and_at_the_end(capsys):
     assert lines[1].startswith("train demo: 300/300 steps, loss 0.003333 (")
 
 
-def test_interrupts_wait_for_a_deferred_block_then_arrive():
+def test_interrupts_wait_for_a_deferred_block_then_arrive(capsys):
     """An optimiser update and its step count happen whole: Ctrl-C and SIGTERM raised
     inside the block arrive as it ends, each once, with the handlers as they were."""
     import os
@@ -256,6 +256,21 @@ def test_interrupts_wait_for_a_deferred_block_then_arrive():
             os.kill(os.getpid(), signal.SIGTERM)
             done.append("both")
     assert done[-1] == "both" and not came()  # the next job starts afresh
+    # both held: the SIGTERM is what arrives (143), not the Ctrl-C raised before it
+    with sigterm_requests_stop(interrupt=True), pytest.raises(Terminated):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+    # a save that may hang: one more is held (and said), the next arrives at once
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred(held_at_most=1, notice="saving; Ctrl-C again abandons it"):
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("held")
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("not reached")
+    assert done[-1] == "held"
+    assert "saving; Ctrl-C again abandons it" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 LISTENERS = """

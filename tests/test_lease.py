@@ -93,6 +93,43 @@ def test_a_dead_jobs_lease_is_taken_over(tmp_path, holder):
         assert mine.holder()["owner"] == mine.owner
 
 
+def test_of_jobs_finding_the_same_dead_lease_one_takes_it_over(tmp_path):
+    storage = Storage.at(str(tmp_path))
+    write_holder(storage, pid=a_dead_pid())
+    start = threading.Barrier(8)
+    won, refused = [], []
+
+    def job() -> None:
+        mine = lease(storage)
+        start.wait()
+        try:
+            won.append(mine.acquire())
+        except UserError:
+            refused.append(mine)
+
+    threads = [threading.Thread(target=job) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(refused) == 7
+    assert won[0].holder()["owner"] == won[0].owner
+    won[0].release()
+
+
+def test_a_holder_that_was_away_looks_before_it_writes(tmp_path):
+    """A machine suspended past the ttl: its heartbeat has not run yet, but the first
+    write it attempts finds the job that took over, and stops."""
+    storage = Storage.at(str(tmp_path))
+    with lease(storage, beat_s=3600) as mine:
+        mine.check()  # renewed just now: nothing to look at
+        write_holder(storage)  # taken over while this one was away
+        mine._heard_at -= 7200  # (away for two hours)
+        with pytest.raises(JobFailure, match="another job took it over"):
+            mine.check()
+    assert mine.holder()["owner"] == "someone"
+
+
 def test_a_live_process_of_this_host_keeps_its_lease_within_the_ttl(tmp_path):
     storage = Storage.at(str(tmp_path))
     write_holder(storage, heard=time.time() - 60)  # our parent: alive

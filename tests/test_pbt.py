@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
+from flows.errors import UserError
 from flows.pbt import PbtSpec, run_pbt
 from flows.runtime import start_local_ray
 from flows.spec import load_spec
@@ -413,3 +414,12 @@ def test_cli_runs_and_reports_user_errors(home, ray_local):
         assert "Traceback" not in got.output and len(got.output.strip().splitlines()) == 1
     # a replay that found nothing to replay leaves nothing behind in MLflow
     assert mlflow.MlflowClient().get_experiment_by_name("pbt-replay") is None
+
+
+def test_a_starting_point_written_without_a_dot_is_still_a_number():
+    """YAML reads 1e-1 as a string; it is in range all the same, and refused only if not."""
+    assert toy("initial=[{h0: 1e-1, h1: 0.0}]").initial[0]["h0"] == "1e-1"
+    with pytest.raises(UserError, match=r"initial\[0\].h0: '9e0' outside search_space.h0"):
+        toy("initial=[{h0: 9e0, h1: 0.0}]")
+    with pytest.raises(UserError, match=r"initial\[0\].h0: 'abc' is not a number"):
+        toy("initial=[{h0: abc, h1: 0.0}]")

@@ -85,7 +85,7 @@ class Linas(BatchStrategy):
                         "refit": self._refits,
                         "objective": name,
                         "model": self._fitted[name].family_,
-                        "cv_rmse": self._fitted[name].cv_rmse_,
+                        "cv_rmse": _finite(self._fitted[name].cv_rmse_),
                         "mape": _finite(mape(predicted[ok], measured)),
                         # undefined (None) where the predictions are all equal
                         "kendall_tau": _finite(kendall_tau(predicted[ok], measured)),
@@ -179,6 +179,10 @@ class Linas(BatchStrategy):
             if key not in keys:
                 keys.add(key)
                 out.append(config)
+        if len(out) < n:  # a space nearly all validated (so a small one): the rest, listed
+            out += [c for c in self.space.enumerate() if self.space.key(c) not in keys][
+                : n - len(out)
+            ]
         return out
 
 
