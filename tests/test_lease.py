@@ -33,6 +33,27 @@ def write_holder(storage: Storage, **fields) -> None:
     storage.write_json(storage.join("runs", "x", "checkpoints", "lease.json"), record)
 
 
+def race(storage: Storage, jobs: int) -> tuple[list[Lease], list[Lease]]:
+    """`jobs` threads taking the same lease at once: (those that hold it, those refused)."""
+    start = threading.Barrier(jobs)
+    won, refused = [], []
+
+    def job() -> None:
+        mine = lease(storage)
+        start.wait()
+        try:
+            won.append(mine.acquire())
+        except UserError:
+            refused.append(mine)
+
+    threads = [threading.Thread(target=job) for _ in range(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return won, refused
+
+
 def test_a_second_job_is_refused_until_the_first_ends(tmp_path):
     storage = Storage.at(str(tmp_path))
     path = tmp_path / "runs/x/checkpoints/lease.json"
@@ -58,23 +79,7 @@ def test_a_second_job_is_refused_until_the_first_ends(tmp_path):
 
 def test_of_jobs_starting_together_one_holds_the_run(tmp_path):
     storage = Storage.at(str(tmp_path))
-    start = threading.Barrier(8)
-    won, refused = [], []
-
-    def job() -> None:
-        mine = lease(storage)
-        start.wait()
-        try:
-            mine.acquire()
-            won.append(mine)
-        except UserError:
-            refused.append(mine)
-
-    threads = [threading.Thread(target=job) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    won, refused = race(storage, 8)
     assert len(won) == 1 and len(refused) == 7
     won[0].release()
 
@@ -96,22 +101,7 @@ def test_a_dead_jobs_lease_is_taken_over(tmp_path, holder):
 def test_of_jobs_finding_the_same_dead_lease_one_takes_it_over(tmp_path):
     storage = Storage.at(str(tmp_path))
     write_holder(storage, pid=a_dead_pid())
-    start = threading.Barrier(8)
-    won, refused = [], []
-
-    def job() -> None:
-        mine = lease(storage)
-        start.wait()
-        try:
-            won.append(mine.acquire())
-        except UserError:
-            refused.append(mine)
-
-    threads = [threading.Thread(target=job) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    won, refused = race(storage, 8)
     assert len(won) == 1 and len(refused) == 7
     assert won[0].holder()["owner"] == won[0].owner
     won[0].release()
