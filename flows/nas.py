@@ -220,13 +220,14 @@ def check_spec(spec: NASSpec, net) -> None:
         if name not in spec.objectives:
             raise UserError(f"reference_point.{name}: not one of the objectives")
     space = net.space.restrict(spec.space)
-    if math.prod(len(c) for c in space.choices.values()) <= 1_000_000 and (
-        spec.budget > space.size
-    ):  # (a larger space is not counted: no budget comes near it)
-        raise UserError(
-            f"budget {spec.budget}: the space holds {space.size} sub-networks; a budget of "
-            f"{space.size} validates every one"
-        )
+    # (a larger space is not counted, by enumerating it: no budget comes near it)
+    if math.prod(len(c) for c in space.choices.values()) <= 1_000_000:
+        size = space.size
+        if spec.budget > size:
+            raise UserError(
+                f"budget {spec.budget}: the space holds {size} sub-networks; a budget of "
+                f"{size} validates every one"
+            )
     if spec.strategy.kind != "random" and spec.budget < spec.strategy.population:
         raise UserError(
             f"budget {spec.budget}: below strategy.population {spec.strategy.population} "
@@ -348,7 +349,8 @@ def _run_nas(spec: NASSpec, storage: Storage, resume: bool, progress, training_p
             f"--resume: search {spec.name!r} was started from a different spec; only budget "
             f"may change when resuming"
         )
-    if state is not None and spec.budget < (done := len(folder.rows())):
+    history = folder.rows()  # read once: the check below, then the search's replay
+    if state is not None and spec.budget < (done := len(history)):
         raise UserError(
             f"--resume: budget {spec.budget} is below the {done} validations search "
             f"{spec.name!r} has made already; raise budget to search on"
@@ -387,7 +389,8 @@ def _run_nas(spec: NASSpec, storage: Storage, resume: bool, progress, training_p
             }
         )
         reference = np.array([state["reference_point"][o] for o in spec.objectives])
-        result = _search(spec, net, space, validation, folder, run, reference, progress)
+        result = _search(spec, net, space, validation, folder, history, run, reference,
+                         progress)  # fmt: skip
     result.seconds = time.perf_counter() - started
     return result
 
@@ -502,12 +505,12 @@ def _pool(spec: NASSpec, net, validation):
     )
 
 
-def _search(spec, net, space, validation, folder, run, reference, progress) -> NASResult:
+def _search(spec, net, space, validation, folder, history, run, reference,
+            progress) -> NASResult:  # fmt: skip
     from actors.nas import front, hypervolume, run_search
     from flows.runtime import ray_is_ending
 
     objectives = spec.objectives
-    history = folder.rows()
     strategy = _strategy(spec, net, space)
     quality_logged = 0
     session = uuid.uuid4().hex[:8]

@@ -89,6 +89,10 @@ def rayjob_manifest(
     head["spec"]["containers"][0]["volumeMounts"].append(
         {"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True}
     )
+    # a job whose driver trains a network (train, run, nas: only the experts or the
+    # evaluators are actors) gets a GPU worker more for that driver, or else a CPU worker's
+    # core: the head takes no work (num-cpus 0)
+    trains = sub.job in DRIVER_TRAINS
     groups = []
     if cpu_workers:
         pod = _ray_pod(image, "ray-worker", "physflow-ray-worker", {"cpu": "4", "memory": "16Gi"})
@@ -101,20 +105,14 @@ def rayjob_manifest(
         pod["spec"]["tolerations"] = [
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
         ]
-        # a job whose driver trains a network (train, run, nas: only the experts or the
-        # evaluators are actors) gets a GPU worker more, for that driver
-        driver_gpu = sub.job in DRIVER_TRAINS
-        groups.append(_group("gpu", gpu_workers + driver_gpu, pod))
-    else:
-        driver_gpu = False
+        groups.append(_group("gpu", gpu_workers + trains, pod))
     env = dict(sub.explicit_env)
-    if driver_gpu:
+    entrypoint = {}
+    if trains and gpu_workers:
         env[ENTRYPOINT_GPUS_VAR] = "1"  # what the experts leave to the driver
         entrypoint = {"entrypointNumGpus": 1}
-    elif sub.job in DRIVER_TRAINS:  # on a CPU worker: the head takes no work (num-cpus 0)
+    elif trains:
         entrypoint = {"entrypointNumCpus": 1}
-    else:
-        entrypoint = {}
     annotations = {f"physflow.io/{k.split('.', 1)[1].replace('_', '-')}": v
                    for k, v in sub.metadata.items()}  # fmt: skip
     return {
